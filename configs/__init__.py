@@ -1,0 +1,1 @@
+"""Built-in TOML configs, shipped inside the package (``--config tiny`` finds them)."""
