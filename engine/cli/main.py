@@ -1,0 +1,216 @@
+"""The ``covenant`` command line: the only place in the engine that writes to the console.
+
+Engine commands live here (``plugins``, ``config``, ``data``, ``train``, ``bench``); plugins add
+their own groups through ``covenant_register_commands`` (``chain``, ``model-info``, ``export``...).
+Every user error (a :class:`~covenant.engine.errors.CovenantError`) becomes one red line on
+stderr and exit status 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from covenant.engine.errors import CovenantError, PluginError
+
+out = Console()
+err = Console(stderr=True)
+
+# Command names the engine keeps for itself or for its built-in plugins; a third-party plugin
+# that registers one of these is refused, so future releases can fill them without clashes.
+RESERVED = frozenset(
+    {"plugins", "config", "train", "data", "swarm", "validate", "model-info", "bench", "replay",
+     "chain", "report", "doctor", "export", "version"}
+)
+BUILTIN_PROVIDERS = {"chain": "chain", "model-info": "model", "export": "model"}
+
+app = typer.Typer(
+    name="covenant",
+    help="covenant: permissionless, globally distributed LLM pre-training.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", "-c", help="TOML file, or a built-in name such as 'tiny'")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override: section.key=value (repeatable; beats env and file)"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")]
+
+
+def _session(config: str | None, overrides: list[str] | None) -> Any:
+    from covenant.engine.session import open_session
+
+    return open_session(config, overrides or ())
+
+
+@app.command("plugins")
+def plugins_cmd(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    as_json: JsonOpt = False,
+    show_all: Annotated[bool, typer.Option("--all", help="also list installed but disabled plugins")] = False,
+) -> None:
+    """List loaded plugins: name, distribution, version and the hooks each implements."""
+    session = _session(config, overrides)
+    infos = session.host.plugin_infos(include_disabled=show_all)
+    if as_json:
+        out.print_json(json.dumps([i.to_dict() for i in infos]))
+        return
+    table = Table(title="covenant plugins", show_lines=False)
+    for col in ("name", "distribution", "version", "enabled", "hooks"):
+        table.add_column(col, overflow="fold")
+    for i in infos:
+        hooks = ", ".join(h.removeprefix("covenant_") for h in i.hooks) or "-"
+        table.add_row(i.name, i.distribution, i.version, "yes" if i.enabled else "no", hooks)
+    out.print(table)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Print the fully resolved config (defaults < file < environment < --set)."""
+    session = _session(config, overrides)
+    resolved = {"source": session.config.source, "versions": session.host.versions(),
+                "config": session.config.to_dict()}
+    if as_json:
+        out.print_json(json.dumps(resolved, default=str))
+        return
+    out.print(f"[bold]config[/] {resolved['source'] or '(defaults)'}")
+    for name, values in resolved["config"].items():
+        out.print(f"\n[bold cyan]{escape('[' + name + ']')}[/]")
+        for key, value in values.items():
+            out.print(f"  {key} = {json.dumps(value, default=str)}")
+
+
+@app.command("bench")
+def bench_cmd(
+    name: Annotated[str, typer.Argument(help="benchmark name (see --list)")] = "",
+    as_json: JsonOpt = False,
+    list_: Annotated[bool, typer.Option("--list", help="list available benchmarks")] = False,
+    options: Annotated[list[str] | None, typer.Option("--opt", help="key=value passed to the benchmark")] = None,
+) -> None:
+    """Run a registered benchmark (plugins add them through covenant_register_benchmarks)."""
+    from covenant.engine.config import parse_value
+
+    session = _session(None, None)
+    benches = session.host.registry("covenant_register_benchmarks")
+    if list_ or not name:
+        for bench in sorted(benches):
+            out.print(bench)
+        return
+    if name not in benches:
+        raise CovenantError(f"unknown benchmark '{name}' (available: {', '.join(sorted(benches)) or 'none'})")
+    kwargs = {}
+    for item in options or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise CovenantError(f"--opt {item!r}: expected key=value")
+        kwargs[key.strip().replace("-", "_")] = parse_value(raw.strip())
+    result = benches[name](**kwargs)
+    if as_json:
+        out.print_json(json.dumps(result, default=str))
+    else:
+        out.print(result)
+
+
+def _mount_optional_apps() -> None:
+    """Engine sub-apps that live in their own modules (imported lazily to keep start-up fast)."""
+    try:
+        from covenant.engine.cli.data import app as data_app
+    except ImportError:  # pragma: no cover - only while the data module is being written
+        return
+    app.add_typer(data_app, name="data")
+
+
+def _mount_train() -> None:
+    try:
+        from covenant.engine.cli.train import register as register_train
+    except ImportError:  # pragma: no cover
+        return
+    register_train(app)
+
+
+def _mount_plugin_commands() -> None:
+    """Add every command group that a loaded plugin registers."""
+    from covenant.engine.plugins import PluginHost
+
+    host = PluginHost()
+    host.load(None)
+    taken = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    commands: dict[str, Any] = {}
+    for impl in host.pm.hook.covenant_register_commands.get_hookimpls():
+        plugin_name = host.pm.get_name(impl.plugin) or "?"
+
+        def register(name: str, thing: Any, _p: str = plugin_name) -> None:
+            if name in taken or name in commands:
+                raise PluginError(f"plugin '{_p}' registers command '{name}', which is already taken")
+            if name in RESERVED and BUILTIN_PROVIDERS.get(name) != _p:
+                raise PluginError(f"plugin '{_p}' registers reserved command name '{name}'")
+            commands[name] = thing
+
+        impl.function(register=register)
+    for name, thing in sorted(commands.items()):
+        if isinstance(thing, typer.Typer):
+            app.add_typer(thing, name=name)
+        else:
+            app.command(name)(thing)
+
+
+def build_app() -> typer.Typer:
+    _mount_optional_apps()
+    _mount_train()
+    _mount_plugin_commands()
+    return app
+
+
+def _configure_logging() -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(message)s", datefmt="[%X]",
+        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
+    )
+    for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "asyncio", "filelock", "werkzeug"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    _configure_logging()
+    try:
+        command = typer.main.get_command(build_app())
+        command.main(args=argv, prog_name="covenant", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except CovenantError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+

@@ -1,0 +1,296 @@
+"""The interfaces plugins implement, and the small value types that cross them.
+
+Every arrow in the house plan (docs/architecture.md) crosses one of these protocols: the engine
+and the other plugins talk to a transport, a chain, a model runtime or an outer step only through
+what is declared here, so each provider can be tested alone with in-memory partners and swapped
+through its ``firstresult`` hook in :mod:`covenant.engine.hookspecs`.
+
+The protocols are ``typing.Protocol`` classes (structural): a provider does not need to inherit
+from them, only to have the members. Values that cross them are frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from covenant.engine.errors import CovenantError
+
+if TYPE_CHECKING:  # torch is heavy; the validator CLI and `covenant config` must not pay for it
+    import torch
+
+# --------------------------------------------------------------------------------------------
+# Model runtime (provided by covenant.models through ``covenant_build_model``)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamShard:
+    """Where one parameter of this rank sits in the global (unsharded) model.
+
+    ``name`` is the global, layout-independent name (the same on a TP=8 and a TP=1 peer);
+    ``global_shape`` the unsharded shape; ``offsets`` the start of this rank's slice in every
+    dimension and ``local_shape`` its extent, so ``global[o0:o0+l0, o1:o1+l1]`` is what this rank
+    owns. ``replicated_over_tp`` says whether every TP rank holds the same slice (norms), so
+    exactly one of them should contribute it to a peer's upload.
+    """
+
+    name: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    local_shape: tuple[int, ...]
+    replicated_over_tp: bool = False
+
+    @property
+    def is_full(self) -> bool:
+        return self.local_shape == self.global_shape
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step of the inner loop reports (identical on every rank)."""
+
+    loss: float
+    grad_norm: float
+    tokens: int
+    skipped: bool = False
+
+
+@runtime_checkable
+class ModelRuntime(Protocol):
+    """A model, its inner optimizer and its parallel layout on this rank.
+
+    Built once per process by the model provider. Every method is collective over the peer's
+    ranks (TP x PP x DP): all ranks call it in the same order with their own share of the batch.
+    """
+
+    def layout(self) -> Sequence[ParamShard]:
+        """The owned slice of every parameter on this rank, in a fixed order."""
+        ...
+
+    def local_parameters(self) -> Mapping[str, torch.Tensor]:
+        """Global name -> this rank's parameter tensor (the live storage, not a copy)."""
+        ...
+
+    def train_step(self, tokens: torch.Tensor, lr: float) -> StepResult:
+        """One inner step on this DP rank's samples ``tokens`` (int64, shape (b, T)).
+
+        Splits into micro-batches, accumulates gradients, clips the global norm and applies
+        the inner optimizer at learning rate ``lr``. Returns the mean loss over the whole
+        global batch (all DP ranks), equal on every rank.
+        """
+        ...
+
+    def eval_loss(self, tokens: torch.Tensor) -> float:
+        """Mean loss over ``tokens`` (this DP rank's share), averaged over DP; no grad."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's model and optimizer state, for a local checkpoint."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (same preset and layout)."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Storage (provided by the storage plugin through ``covenant_transport``)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """Metadata of a stored object, from a HEAD (never from the body)."""
+
+    key: str
+    size: int
+    modified: float  # storage timestamp, seconds since the epoch (whole seconds on S3)
+    etag: str | None = None
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Object storage rooted at one URL (``file://``, ``memory://``, ``s3://``...).
+
+    Keys are relative, ``/``-separated and never contain ``..``; the transport refuses anything
+    that would leave its root.
+    """
+
+    url: str
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        """Atomically store ``data`` under ``key`` (raises on failure, never swallows it)."""
+        ...
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """Metadata of ``key``, or ``None`` if it does not exist."""
+        ...
+
+    def get(self, key: str, max_bytes: int) -> bytes:
+        """The body of ``key``; raises before downloading if it is larger than ``max_bytes``."""
+        ...
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        """Objects under ``prefix`` (non-recursive semantics are not guaranteed)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Chain (provided by the chain plugin through ``covenant_chain``)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Neuron:
+    """One registered participant, as the chain lists it."""
+
+    uid: int
+    hotkey: str  # ss58 address
+    stake: float
+    validator_permit: bool
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """A peer's published data (its bucket read credentials), as last committed."""
+
+    hotkey: str
+    data: str
+    block: int
+
+
+@dataclass(frozen=True)
+class WeightsResult:
+    """Outcome of a weight set: ``ok`` False with a ``reason`` is a recorded skip, not a crash."""
+
+    ok: bool
+    reason: str = ""
+    block: int | None = None
+
+
+class ChainError(CovenantError):
+    """A chain read or write failed in a way the caller should handle (not a bug)."""
+
+
+class ChainUnavailableError(ChainError):
+    """The chain could not be reached (endpoint down, database locked) after every retry."""
+
+
+class NotRegisteredError(ChainError):
+    """The signing hotkey has no uid on the chain (never registered, or replaced)."""
+
+
+class CommitmentError(ChainError):
+    """A commitment is malformed or larger than the chain's limit."""
+
+
+@runtime_checkable
+class Chain(Protocol):
+    """The clock, the membership list and the paymaster.
+
+    All times are chain time (block timestamps), never the local wall clock. Reads raise
+    :class:`ChainUnavailableError` when the chain cannot be reached after the configured
+    retries; ``commit`` raises :class:`NotRegisteredError` / :class:`CommitmentError` for bad
+    input; ``set_weights`` never raises for chain-side refusals (it returns ``ok=False``).
+    
+    blocks_per_window: int
+
+    def block(self) -> int:
+        """The current block number."""
+        ...
+
+    def block_timestamp(self, block: int) -> float:
+        """Timestamp (seconds since the epoch) of ``block``; may be predicted for future blocks."""
+        ...
+
+    def block_hash(self, block: int) -> str:
+        """Hex hash of a past block (the validator's ``eval_seed`` source)."""
+        ...
+
+    def metagraph(self) -> list[Neuron]:
+        """All registered neurons, ascending uid."""
+        ...
+
+    def commit(self, hotkey: Any, data: str) -> None:
+        """Publish ``data`` signed by ``hotkey`` (a ``bittensor.sp_core.Keypair``)."""
+        ...
+
+    def commitments(self) -> dict[str, Commitment]:
+        """Latest commitment of every *registered* hotkey that has a well-formed one.
+
+        Malformed or oversized entries (written by someone else) are skipped with a warning,
+        never raised: one bad peer must not stop a miner or validator.
+        """
+        ...
+
+    def set_weights(self, hotkey: Any, weights: Mapping[int, float]) -> WeightsResult:
+        """Submit normalised weights by uid, signed by ``hotkey``.
+
+        Unknown uids are dropped (named in ``reason``); an unregistered hotkey, a rate limit,
+        invalid values or an unreachable chain give ``ok=False`` with the reason: a recorded
+        skip, never an exception.
+        """
+        ...
+
+    def wait_for_block(self, block: int, timeout_s: float | None = None) -> int:
+        """Block until the chain reaches ``block``; return the current block.
+
+        With ``timeout_s``, returns after at most that long even if ``block`` was not reached
+        (the returned block is then smaller than ``block``; the caller decides).
+        """
+        ...
+
+
+def window_of(block: int, blocks_per_window: int) -> int:
+    """``window = block // blocks_per_window`` (SPEC section 1)."""
+    if blocks_per_window <= 0:
+        raise ValueError(f"blocks_per_window must be positive, got {blocks_per_window}")
+    return block // blocks_per_window
+
+
+def window_start_block(window: int, blocks_per_window: int) -> int:
+    """First block of ``window``."""
+    return window * blocks_per_window
+
+
+# --------------------------------------------------------------------------------------------
+# Outer step (provided by sparseloco / diloco / ddp through ``covenant_outer_step``)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WindowContext:
+    """What the engine knows about the window being closed, handed to the outer step."""
+
+    window: int
+    outer_step: int
+    uid: int
+    inner_steps: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class OuterStep(Protocol):
+    """Turns the end of an inner loop into a shared update (upload, gather, apply).
+
+    ``begin`` is called at the start of a window with the parameters the inner loop starts from;
+    ``end`` at the window boundary. ``end`` either commits on every rank of the peer or on none.
+    """
+
+    name: str
+
+    def begin(self, ctx: WindowContext, params: Mapping[str, torch.Tensor]) -> None: ...
+
+    def end(self, ctx: WindowContext, params: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Apply the outer step in place on ``params``; return metrics to log."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
