@@ -41,8 +41,10 @@ class PluginsConfig(BaseModel):
 
 @hookimpl
 def covenant_add_config_sections(register: Callable[[str, type[BaseModel]], None]) -> None:
+    from covenant.engine.data.config import DataConfig
     from covenant.engine.schedule import TrainConfig
 
     register("run", RunConfig)
     register("plugins", PluginsConfig)
     register("train", TrainConfig)
+    register("data", DataConfig)

@@ -57,13 +57,37 @@ class StepResult:
     skipped: bool = False
 
 
+@dataclass(frozen=True)
+class ParallelInfo:
+    """This process's place in its peer's TP x PP x DP grid (global rank 0 logs and uploads)."""
+
+    rank: int = 0
+    world_size: int = 1
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
 @runtime_checkable
 class ModelRuntime(Protocol):
     """A model, its inner optimizer and its parallel layout on this rank.
 
     Built once per process by the model provider. Every method is collective over the peer's
     ranks (TP x PP x DP): all ranks call it in the same order with their own share of the batch.
+    ``parallel`` says where this rank sits; ``seq_len`` and ``micro_batch`` are the shapes the
+    runtime was built for.
     """
+
+    parallel: ParallelInfo
+    seq_len: int
+    micro_batch: int
 
     def layout(self) -> Sequence[ParamShard]:
         """The owned slice of every parameter on this rank, in a fixed order."""
@@ -198,7 +222,8 @@ class Chain(Protocol):
     :class:`ChainUnavailableError` when the chain cannot be reached after the configured
     retries; ``commit`` raises :class:`NotRegisteredError` / :class:`CommitmentError` for bad
     input; ``set_weights`` never raises for chain-side refusals (it returns ``ok=False``).
-    
+    """
+
     blocks_per_window: int
 
     def block(self) -> int:

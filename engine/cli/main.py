@@ -145,12 +145,40 @@ def _mount_train() -> None:
     register_train(app)
 
 
-def _mount_plugin_commands() -> None:
+def _allow_list_from_argv(argv: list[str]) -> list[str] | None:
+    """The allow-list a ``--config`` / ``--set plugins.enable=`` on the command line implies.
+
+    Plugin commands are mounted before click parses the arguments, so the config's allow-list
+    is looked up here: a validator started with ``--config validator`` never imports the
+    training-side plugins, not even to list their commands.
+    """
+    from covenant.engine.config import read_toml, resolve_config_path
+    from covenant.engine.session import _early_allow_list
+
+    config, sets = None, []
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in ("--config", "-c") and value is not None:
+            config = value
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        elif arg in ("--set", "-s") and value is not None:
+            sets.append(value)
+    data = {}
+    if config is not None:
+        try:
+            data = read_toml(resolve_config_path(config))
+        except CovenantError:
+            return None  # the command itself reports the bad file
+    return _early_allow_list(data, sets, config)
+
+
+def _mount_plugin_commands(argv: list[str]) -> None:
     """Add every command group that a loaded plugin registers."""
     from covenant.engine.plugins import PluginHost
 
     host = PluginHost()
-    host.load(None)
+    host.load(_allow_list_from_argv(argv))
     taken = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
     commands: dict[str, Any] = {}
     for impl in host.pm.hook.covenant_register_commands.get_hookimpls():
@@ -171,10 +199,10 @@ def _mount_plugin_commands() -> None:
             app.command(name)(thing)
 
 
-def build_app() -> typer.Typer:
+def build_app(argv: list[str] | None = None) -> typer.Typer:
     _mount_optional_apps()
     _mount_train()
-    _mount_plugin_commands()
+    _mount_plugin_commands(sys.argv[1:] if argv is None else argv)
     return app
 
 
@@ -193,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     _configure_logging()
     try:
-        command = typer.main.get_command(build_app())
+        command = typer.main.get_command(build_app(argv))
         command.main(args=argv, prog_name="covenant", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -1,0 +1,45 @@
+"""``covenant train``: one peer's inner loop without an outer step (same command under torchrun)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from covenant.engine.cli.main import ConfigOpt, SetOpt
+
+err = Console(stderr=True)
+
+
+def train(
+    config: ConfigOpt = "tiny",
+    overrides: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the run's latest checkpoint")] = False,
+    steps: Annotated[int | None, typer.Option("--steps", help="stop after this global inner step")] = None,
+) -> None:
+    """Train one peer on its assigned data: evaluate, checkpoint, resume bit-identically.
+
+    Launch with `torchrun --nproc-per-node N -m covenant.engine.cli.main train ...` for TP/PP/DP.
+    """
+    from covenant.engine.loop import run_training
+    from covenant.engine.session import open_session
+
+    session = open_session(config, overrides or ())
+    result = run_training(session, resume=resume, steps=steps)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    table = Table(title=f"covenant train: {result.run_dir}")
+    table.add_column("step", justify="right")
+    table.add_column("val loss", justify="right")
+    for step, loss in sorted(result.val_losses.items()):
+        table.add_row(str(step), f"{loss:.4f}")
+    err.print(table)
+    tps = result.tokens / result.seconds if result.seconds else 0.0
+    err.print(f"{result.steps} steps, {result.tokens} tokens in {result.seconds:.1f} s ({tps:,.0f} tokens/s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
