@@ -106,8 +106,10 @@ def covenant_register_benchmarks(register: Register) -> None:
 def covenant_register_text_sources(register: Register) -> None:
     """Add named text sources for ``covenant data prepare --source NAME``.
 
-    ``register("name", factory)`` where ``factory(**options)`` returns an object with
-    ``name``, ``iter_documents()`` and ``describe()`` (see :mod:`covenant.engine.data.sources`).
+    ``register("name", factory)`` where ``factory(ctx)`` takes a
+    :class:`~covenant.engine.data.sources.SourceContext` (``ctx.arg`` is the text after
+    ``name:`` in ``--source name:arg``, ``ctx.doc_max_chars`` the block size) and returns an object
+    with ``name``, ``iter_documents()`` and ``describe()``.
     Called when data preparation starts, on the process that prepares (rank 0).
     """
 

@@ -110,6 +110,7 @@ def run_training(session: Session, *, resume: bool = False, steps: int | None = 
     total = train.steps
     data_cfg: DataConfig = cfg.section("data")
 
+    session.register_text_sources()
     manifest = prepare_from_config(data_cfg)
     data_dir = Path(data_cfg.dir) if data_cfg.dir is not None else _default_data_dir()
     model: ModelRuntime | None = hook.covenant_build_model(config=cfg)

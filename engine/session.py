@@ -41,6 +41,15 @@ class Session:
     def run_dir(self) -> Path:
         return Path(self.config.section("run").dir)
 
+    def register_text_sources(self) -> None:
+        """Let plugins add text sources (``covenant_register_text_sources``) to the registry."""
+        from covenant.engine.data.sources import SOURCES
+
+        def register(name: str, factory: Any) -> None:
+            SOURCES.register(name, factory, replace=True)
+
+        self.hook.covenant_register_text_sources(register=register)
+
     def write_resolved(self) -> Path:
         """Write ``resolved_config.json`` into the run directory (with every plugin's version)."""
         return write_resolved(self.config, self.run_dir, self.host.versions())

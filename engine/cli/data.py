@@ -123,6 +123,9 @@ def prepare_cmd(
     ] = False,
 ) -> None:
     """Tokenize text sources into uint32 shards plus a manifest (cached)."""
+    from covenant.engine.session import open_session
+
+    open_session(None).register_text_sources()  # sources that enabled plugins contribute
     out_dir = out if out is not None else default_data_dir()
     console = Console(stderr=as_json)
     try:

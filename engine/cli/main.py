@@ -222,7 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     _configure_logging()
     try:
         command = typer.main.get_command(build_app(argv))
-        command.main(args=argv, prog_name="covenant", standalone_mode=False)
+        rc = command.main(args=argv, prog_name="covenant", standalone_mode=False)
+        # without standalone mode click *returns* a typer.Exit code instead of raising it
+        if isinstance(rc, int) and rc != 0:
+            sys.exit(rc)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
