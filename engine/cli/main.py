@@ -28,9 +28,9 @@ err = Console(stderr=True)
 # that registers one of these is refused, so future releases can fill them without clashes.
 RESERVED = frozenset(
     {"plugins", "config", "train", "data", "swarm", "validate", "model-info", "bench", "replay",
-     "chain", "report", "doctor", "export", "version"}
+     "chain", "report", "doctor", "export", "version", "storage"}
 )
-BUILTIN_PROVIDERS = {"chain": "chain", "model-info": "model", "export": "model"}
+BUILTIN_PROVIDERS = {"chain": "chain", "model-info": "model", "export": "model", "storage": "storage"}
 
 app = typer.Typer(
     name="covenant",
