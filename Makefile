@@ -19,7 +19,7 @@ setup:
 
 run: setup
 	$(BIN)/covenant plugins
-	$(BIN)/covenant config show --config tiny
+	$(BIN)/covenant train --config tiny
 
 lint: setup
 	$(BIN)/ruff check engine plugins models src tools tests examples

@@ -52,7 +52,7 @@ def fingerprint(section: Mapping[str, Any]) -> str:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG the inner loop may touch, as tensors/primitives (loadable with weights_only)."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
     return {
         "torch": torch.get_rng_state(),
         "numpy": {"key": torch.from_numpy(np.asarray(np_state[1]).copy()), "pos": int(np_state[2]),

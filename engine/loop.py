@@ -23,7 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covenant.engine.checkpoint import Checkpointer, CheckpointMeta, fingerprint, rng_state, set_rng_state
+from covenant.engine.checkpoint import (
+    Checkpointer,
+    CheckpointMeta,
+    fingerprint,
+    rng_state,
+    set_rng_state,
+)
 from covenant.engine.data.assignment import check_batch_layout, rank_share, sample_pool, step_ids
 from covenant.engine.data.config import DataConfig
 from covenant.engine.data.prepare import prepare_from_config
@@ -128,7 +134,8 @@ def run_training(session: Session, *, resume: bool = False, steps: int | None = 
         hook.covenant_run_started(config=cfg, run_dir=str(run_dir), versions=session.host.versions())
     result = TrainResult(steps=0, run_dir=run_dir)
     begun = time.perf_counter()
-    reason, error = "completed", None
+    reason = "completed"
+    error_: BaseException | None = None
     try:
         hook.covenant_model_built(model=model, layout=list(model.layout()))
         feed = DataFeed(data_dir, manifest, data_cfg, train, model)
@@ -183,14 +190,15 @@ def run_training(session: Session, *, resume: bool = False, steps: int | None = 
         if result.steps > start and (not train.checkpoint_every or result.steps % train.checkpoint_every):
             _save(ckpt, expect, result.steps, model)
     except KeyboardInterrupt as exc:
-        reason, error = "interrupted", exc
+        reason, error_ = "interrupted", exc
         raise
     except BaseException as exc:
-        reason, error = "error", exc
+        reason, error_ = "error", exc
         raise
     finally:
         result.seconds = time.perf_counter() - begun
-        hook.covenant_shutdown(reason=reason, error=error)
+        hook.covenant_shutdown(reason=reason, error=error_)
+        model.close()
     return result
 
 

@@ -118,6 +118,19 @@ class ModelRuntime(Protocol):
         """Restore what :meth:`state_dict` returned (same preset and layout)."""
         ...
 
+    def reload_params(self) -> None:
+        """Refresh the optimizer's own copy of the weights after an in-place write.
+
+        Under bf16 the inner optimizer keeps fp32 main weights; whoever writes into
+        :meth:`local_parameters` (the outer step) must call this, or the next inner step
+        silently overwrites the write.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release process groups and buffers (idempotent)."""
+        ...
+
 
 # --------------------------------------------------------------------------------------------
 # Storage (provided by the storage plugin through ``covenant_transport``)

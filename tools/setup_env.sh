@@ -26,17 +26,27 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 # pip's own config may name a local wheel folder (find-links) and extra local indexes.
-find_links=$("$VENV/bin/python" -m pip config list 2>/dev/null \
+find_links=$("$PYTHON" -m pip config list 2>/dev/null \
   | sed -n "s/^[^=]*find-links='\(.*\)'$/\1/p" | head -n1 || true)
 constraints=()
 [ -f constraints.txt ] && constraints=(-c constraints.txt)
 
-if "$VENV/bin/python" -m pip install -q --disable-pip-version-check uv >/dev/null 2>&1; then
+uv_cmd=()
+if command -v uv >/dev/null 2>&1; then
+  uv_cmd=(uv)
+else
+  # a venv made by uv has no pip; ensurepip brings it back for the fallback path
+  "$VENV/bin/python" -m pip --version >/dev/null 2>&1 || "$VENV/bin/python" -m ensurepip -q >/dev/null 2>&1 || true
+  if "$VENV/bin/python" -m pip install -q --disable-pip-version-check uv >/dev/null 2>&1; then
+    uv_cmd=("$VENV/bin/python" -m uv)
+  fi
+fi
+
+if [ ${#uv_cmd[@]} -gt 0 ]; then
   uv_args=()
   [ -n "$find_links" ] && uv_args+=(--find-links "$find_links")
   echo "setup: installing with uv${find_links:+ (find-links $find_links)}" >&2
-  "$VENV/bin/python" -m uv pip install -q -p "$VENV/bin/python" "${uv_args[@]}" \
-    "${constraints[@]}" -e ".[$EXTRAS]"
+  "${uv_cmd[@]}" pip install -q -p "$VENV/bin/python" "${uv_args[@]}" "${constraints[@]}" -e ".[$EXTRAS]"
 else
   echo "setup: uv unavailable, installing with pip (slower)" >&2
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${constraints[@]}" -e ".[$EXTRAS]"

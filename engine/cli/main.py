@@ -213,7 +213,8 @@ def _configure_logging() -> None:
         level=logging.INFO, format="%(message)s", datefmt="[%X]",
         handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
     )
-    for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "asyncio", "filelock", "werkzeug"):
+    for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "asyncio", "filelock", "werkzeug",
+                  "megatron"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

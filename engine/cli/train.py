@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from covenant.engine.cli.main import ConfigOpt, SetOpt
 
@@ -31,14 +30,11 @@ def train(
     result = run_training(session, resume=resume, steps=steps)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    table = Table(title=f"covenant train: {result.run_dir}")
-    table.add_column("step", justify="right")
-    table.add_column("val loss", justify="right")
-    for step, loss in sorted(result.val_losses.items()):
-        table.add_row(str(step), f"{loss:.4f}")
-    err.print(table)
     tps = result.tokens / result.seconds if result.seconds else 0.0
-    err.print(f"{result.steps} steps, {result.tokens} tokens in {result.seconds:.1f} s ({tps:,.0f} tokens/s)")
+    vals = sorted(result.val_losses.items())
+    trend = f"; val loss {vals[0][1]:.3f} (step {vals[0][0]}) -> {vals[-1][1]:.3f} (step {vals[-1][0]})" if vals else ""
+    err.print(f"{result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f} s "
+              f"({tps:,.0f} tokens/s){trend}; run dir {result.run_dir}")
 
 
 def register(app: typer.Typer) -> None:

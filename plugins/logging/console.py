@@ -241,7 +241,7 @@ class ConsoleView(Consumer):
         for row in self.evals:
             mark = " *" if row.val_loss is not None and row.val_loss == row.best else ""
             table.add_row(
-                str(row.step),
+                str(row.step + 1),  # steps completed, as the progress bar counts
                 _fmt(row.val_loss, ".4f") + mark,
                 _fmt(row.ppl, ".2f"),
                 _fmt(row.best, ".4f"),

@@ -16,8 +16,9 @@ ACCOUNT = "0123456789abcdef0123456789abcdef"
 
 
 @pytest.fixture(autouse=True)
-def _only_core(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COVENANT_PLUGINS", "")
+def _only_storage(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the `storage` command group exists only where the storage plugin is enabled
+    monkeypatch.setenv("COVENANT_PLUGINS", "storage")
 
 
 def test_ls_and_head(tmp_path: Path) -> None:
