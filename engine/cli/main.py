@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from covenant.engine.cli.options import ConfigOpt, JsonOpt, SetOpt, fail
 from covenant.engine.errors import CovenantError, PluginError
 
 out = Console()
@@ -43,14 +44,6 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-ConfigOpt = Annotated[
-    str | None, typer.Option("--config", "-c", help="TOML file, or a built-in name such as 'tiny'")
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="override: section.key=value (repeatable; beats env and file)"),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")]
 
 
 def _session(config: str | None, overrides: list[str] | None) -> Any:
@@ -239,8 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         err.print("interrupted")
         sys.exit(130)
     except CovenantError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        sys.exit(fail(exc).exit_code)
 
 
 if __name__ == "__main__":  # pragma: no cover

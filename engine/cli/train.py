@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from covenant.engine.cli.main import ConfigOpt, SetOpt
+from covenant.engine.cli.options import ConfigOpt, SetOpt
 
 err = Console(stderr=True)
 

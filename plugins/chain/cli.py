@@ -12,9 +12,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from covenant.engine.cli.options import ConfigOpt, JsonOpt, SetOpt, fail
 from covenant.engine.errors import CovenantError
 
 out = Console()
@@ -22,19 +22,6 @@ err = Console(stderr=True)
 
 app = typer.Typer(help="Chain: blocks, windows, metagraph, registrations.", no_args_is_help=True)
 
-ConfigOpt = Annotated[
-    str | None, typer.Option("--config", "-c", help="TOML file, or a built-in name such as 'tiny'")
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="override: section.key=value (repeatable; beats env and file)"),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")]
-
-
-def _fail(exc: CovenantError) -> typer.Exit:
-    err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)  # one line, never wrapped
-    return typer.Exit(exc.exit_code)
 
 
 def _session(config: str | None, overrides: list[str] | None) -> Any:
@@ -105,7 +92,7 @@ def status_cmd(config: ConfigOpt = None, overrides: SetOpt = None, as_json: Json
     try:
         data = status_data(_chain(_session(config, overrides)))
     except CovenantError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if as_json:
         out.print_json(json.dumps(data))
         return
@@ -148,7 +135,7 @@ def register_cmd(
         if stake is not None or validator:
             chain.set_stake(keypair.ss58_address, stake if stake is not None else 0.0, validator or None)
     except CovenantError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if as_json:
         out.print_json(json.dumps({"uid": uid, "hotkey": keypair.ss58_address}))
     else:
@@ -169,7 +156,7 @@ def keygen_cmd(
         folder = directory if directory is not None else _session(config, overrides).run_dir / "keys"
         keypair = generate_hotkey(folder, name)
     except CovenantError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     out.print(f"{keypair.ss58_address} -> {folder / (name + '.json')}")
 
 
@@ -183,5 +170,5 @@ def advance_cmd(
     try:
         block = _local(_session(config, overrides), "advance").advance(blocks)
     except CovenantError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     out.print(f"block {block}")

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from covenant.engine.cli.options import ConfigOpt, JsonOpt, SetOpt, fail
 from covenant.engine.errors import CovenantError
 
 out = Console()
@@ -23,22 +24,7 @@ err = Console(stderr=True)
 
 app = typer.Typer(help="Storage: list objects, make and check commitments.", no_args_is_help=True)
 
-ConfigOpt = Annotated[
-    str | None, typer.Option("--config", "-c", help="TOML file, or a built-in name such as 'tiny'")
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set", "-s", help="override: section.key=value (repeatable; beats env and file)"
-    ),
-]
 UrlOpt = Annotated[str | None, typer.Option("--url", help="storage URL (default: [storage] url)")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")]
-
-
-def _fail(exc: CovenantError) -> typer.Exit:
-    err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-    return typer.Exit(exc.exit_code)
 
 
 def _transport(config: str | None, overrides: list[str] | None, url: str | None) -> Any:
@@ -67,7 +53,7 @@ def ls(
     try:
         objects = _transport(config, overrides, url).list(prefix)
     except CovenantError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if as_json:
         out.print_json(json.dumps([o.__dict__ for o in objects]))
         return
@@ -88,7 +74,7 @@ def head(
     try:
         info = _transport(config, overrides, url).head(key)
     except CovenantError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if info is None:
         err.print(f"[red]missing:[/] {escape(key)}")
         raise typer.Exit(1)
@@ -115,7 +101,7 @@ def commitment(
             ReadCredentials(url=url, endpoint_url=endpoint, key_id=key_id, secret=secret)
         )
     except CovenantError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     out.print(text, soft_wrap=True, markup=False, highlight=False)
 
 
@@ -129,7 +115,7 @@ def check_commitment(
     try:
         creds = parse_commitment(text, allow_local=True)
     except CovenantError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     shown = {
         "url": creds.url,
         "endpoint_url": creds.endpoint_url,
