@@ -108,6 +108,17 @@ def _forward_step(data: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.
     return output, functools.partial(_loss_func, mask)
 
 
+_INIT_ROWS = 64
+
+
+def _init_seed(seed: int, name: str, block: int) -> int:
+    """A 63-bit seed from the run seed, a global parameter name and a row-block index."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 class MegatronRuntime:
     """A megatron-core GPT model with AdamW on this rank; see the module docstring."""
 
@@ -145,6 +156,7 @@ class MegatronRuntime:
             layout.pp,
             self._coords.pp_rank,
         )
+        self._init_global()
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self._fwd_bwd = get_forward_backward_func()
@@ -299,6 +311,39 @@ class MegatronRuntime:
         self.optimizer.zero_grad()
         outputs = self._run(batches, forward_only=False)
         return self._mean_loss(outputs)
+
+    @torch.no_grad()
+    def _init_global(self) -> None:
+        """Initialise every parameter from ``(seed, global name, row block)`` alone.
+
+        megatron draws initial weights from one generator in construction order, so a pipeline
+        stage that does not build the embedding (or a GPU rank with its seed offsets) starts
+        from other weights than a single process would. Drawing each block of 64 rows of every
+        global tensor from its own seeded generator makes the initial model identical in every
+        TP/PP/DP layout, and a rank draws only the row blocks its slice touches (never a whole
+        72B embedding). Norm weights start at 1; ``linear_proj`` and ``linear_fc2`` use
+        megatron's scaled std ``init_std / sqrt(2 * layers)``.
+        """
+        shape, seed = self._shape, self.model_cfg.seed
+        for b in self._bindings:
+            name, shard = b.shard.name, b.shard
+            local = b.local_view()
+            if name.endswith("layernorm.weight"):
+                local.fill_(1.0)
+                continue
+            std = shape.init_std
+            if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+                std = std / math.sqrt(2.0 * shape.layers)
+            lo, hi = shard.offsets[0], shard.offsets[0] + shard.local_shape[0]
+            cols = tuple(slice(o, o + n) for o, n in zip(shard.offsets[1:], shard.local_shape[1:], strict=True))
+            for block in range(lo // _INIT_ROWS, (hi + _INIT_ROWS - 1) // _INIT_ROWS):
+                r0 = block * _INIT_ROWS
+                r1 = min(r0 + _INIT_ROWS, shard.global_shape[0])
+                g = torch.Generator().manual_seed(_init_seed(seed, name, block))
+                rows = torch.randn((r1 - r0, *shard.global_shape[1:]), generator=g) * std
+                a, z = max(lo, r0), min(hi, r1)
+                local[a - lo : z - lo].copy_(rows[(slice(a - r0, z - r0), *cols)])
+        self.reload_params()
 
     def reload_params(self) -> None:
         """Call after writing parameters in place (outer step, full-weight load): refreshes the
