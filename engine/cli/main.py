@@ -200,7 +200,13 @@ def build_app(argv: list[str] | None = None) -> typer.Typer:
 
 
 def _configure_logging() -> None:
+    import warnings
+
     from rich.logging import RichHandler
+
+    # megatron warns at import that Apex/Transformer Engine are absent: expected on CPU, and
+    # docs/model.md says what TE adds on GPU; the console stays readable for operators.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron(\.|$)")
 
     logging.basicConfig(
         level=logging.INFO, format="%(message)s", datefmt="[%X]",
