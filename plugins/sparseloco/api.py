@@ -56,7 +56,13 @@ def decode(
 ) -> dict[str, torch.Tensor]:
     """Dense float32 decoded tensors of one payload; raises a :class:`PayloadError` if invalid."""
     parsed = parse_payload(data, expected, config)
-    return {name: parsed.dense(name, device) for name in parsed.entries}
+    try:
+        indices = parsed.all_indices(device)
+    except PayloadError:
+        # Re-read tensor by tensor (indices, then values) so the first error is the same one
+        # the per-tensor order finds.
+        return {name: parsed.dense(name, device) for name in parsed.entries}
+    return {name: parsed.dense(name, device, indices[name]) for name in parsed.entries}
 
 
 def aggregate(

@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -36,7 +36,6 @@ from covenant.plugins.sparseloco.tiling import (
     kept_per_tile,
     slice_block,
     tile_geometry,
-    to_tiles,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,6 +45,7 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 _DEFAULT = SparseLoCoConfig()
 _NUM_LEVELS = 4  # 2-bit codes
+_R = TypeVar("_R")
 
 
 class TensorSlice(NamedTuple):
@@ -124,53 +124,86 @@ def select_topk(tiles: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     """Per row of ``tiles`` (T, L), the ``k`` largest |values|, returned sorted by index.
 
     Ties at the k-th magnitude break towards the lower index, so the choice is canonical on
-    every device. Fast path: a float top-k; only tiles with more than k magnitudes at or
-    above their k-th largest (a tie straddles the cut, e.g. blocks of zeros) are redone with
-    unique integer keys. NaN and infinity sort above every finite magnitude, so any
-    non-finite input value is among the kept values (the caller checks those).
+    every device. NaN and infinity sort above every finite magnitude, so any non-finite input
+    value is among the kept values (the caller checks those).
     """
-    n_tiles, length = tiles.shape
-    if k >= length:
-        idx = torch.arange(length, device=tiles.device).expand(n_tiles, length).contiguous()
-        return idx, tiles.to(torch.float32)
-    mag = tiles.abs()
-    top, idx = torch.topk(mag, k, dim=1, sorted=False)
-    # Every tile has at least k magnitudes >= its k-th largest; exactly k everywhere means no
-    # tie straddles any cut. One global count is much cheaper than per-row sums.
-    above = mag >= top.amin(dim=1, keepdim=True)
-    if int(torch.count_nonzero(above)) != n_tiles * k:
-        ambiguous = torch.count_nonzero(above, dim=1) > k
-        rows = torch.nonzero(ambiguous).squeeze(1)
-        idx[rows] = _canonical_topk(mag[rows], k)
-    idx, _ = torch.sort(idx, dim=1)
+    tiles = tiles.to(torch.float32)
+    keys = tiles.view(torch.int32) & _ABS_MASK
+    idx = _topk_keys(keys, k)
     return idx, torch.gather(tiles, 1, idx)
 
 
-def _canonical_topk(mag: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k of non-negative floats with ties to the lower index, via unique int64 keys.
+# Clearing the sign bit of a float32 gives |x|; as int32 these bit patterns order exactly like
+# the magnitudes (NaN above infinity above every finite value, -0.0 == +0.0). Integer top-k
+# skips the float comparator's NaN handling, which makes it about twice as fast on CPU.
+_ABS_MASK = 0x7FFFFFFF
 
-    The float32 bit pattern of a non-negative float is monotonic in its value; shifted left,
-    with the reversed index in the low bits, every key is unique.
+
+def _topk_keys(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted in-tile indices of the ``k`` largest int32 magnitude keys per row, ties to the lower index.
+
+    Fast path: one integer top-(k+1). When the smallest of those k+1 keys is unique it is the
+    (k+1)-th largest and strictly below the k-th, so the other k are the unique top-k; rows where
+    it is not unique (a tie straddles the cut, e.g. blocks of zeros) are redone with unique keys.
+    This replaces a full extra pass counting the keys at or above each row's k-th largest.
     """
-    length = mag.shape[1]
+    n_tiles, length = keys.shape
+    if k >= length:
+        return torch.arange(length, device=keys.device).expand(n_tiles, length).contiguous()
+    top, idx = torch.topk(keys, k + 1, dim=1, sorted=False)
+    at_min = top == top.amin(dim=1, keepdim=True)
+    ambiguous = at_min.sum(dim=1) != 1
+    # The dropped (k+1)-th index becomes `length`, which sorts after every real index.
+    idx = torch.sort(idx.masked_fill_(at_min, length), dim=1).values[:, :k]
+    if bool(ambiguous.any()):
+        rows = torch.nonzero(ambiguous).squeeze(1)
+        idx[rows] = torch.sort(_canonical_topk(keys[rows], k), dim=1).values
+    return idx
+
+
+def _canonical_topk(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k of int32 magnitude keys with ties to the lower index, via unique int64 keys.
+
+    The magnitude key goes to the high bits, the reversed index to the low bits, so every key is
+    unique and a tie is won by the lower index.
+    """
+    length = keys.shape[1]
     low_bits = max(1, (length - 1).bit_length())
-    keys = mag.view(torch.int32).to(torch.int64) << low_bits
-    keys |= (length - 1) - torch.arange(length, device=mag.device, dtype=torch.int64)
-    return torch.topk(keys, k, dim=1, sorted=False).indices
+    wide = keys.to(torch.int64) << low_bits
+    wide |= (length - 1) - torch.arange(length, device=keys.device, dtype=torch.int64)
+    return torch.topk(wide, k, dim=1, sorted=False).indices
 
 
 def _select_block(
     matrix: torch.Tensor, geom: TileGeometry, k: int, chunk_elements: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Select top-k in every tile of a (block-shaped) matrix, a few tile rows at a time."""
-    th = geom.tile_rows
-    rows_per_chunk = max(1, chunk_elements // max(1, matrix.shape[1] * th)) * th
+    """Select top-k in every tile of a (block-shaped) float32 matrix, a few tile rows at a time.
+
+    The magnitude keys are written straight into tile order (one strided pass, no tile copy of
+    the values); the kept values are then read from the matrix at their row-major positions.
+    """
+    th, tw = geom.tile_rows, geom.tile_cols
+    cols = matrix.shape[1]
+    gc = cols // tw
+    rows_per_chunk = max(1, chunk_elements // max(1, cols * th)) * th
+    # Row-major offset of each in-tile index relative to its tile's corner.
+    lane = torch.arange(geom.tile_len, device=matrix.device, dtype=torch.int64)
+    in_tile = torch.div(lane, tw, rounding_mode="floor") * cols + lane % tw
     idx_parts, val_parts = [], []
     for r0 in range(0, matrix.shape[0], rows_per_chunk):
-        tiles = to_tiles(matrix[r0 : r0 + rows_per_chunk], geom)
-        i, v = select_topk(tiles, k)
-        idx_parts.append(i)
-        val_parts.append(v)
+        chunk = matrix[r0 : r0 + rows_per_chunk]
+        gr = chunk.shape[0] // th
+        keys = torch.empty((gr, gc, th, tw), dtype=torch.int32, device=matrix.device)
+        bits = chunk.view(torch.int32).reshape(gr, th, gc, tw).permute(0, 2, 1, 3)
+        torch.bitwise_and(bits, _ABS_MASK, out=keys)
+        idx = _topk_keys(keys.view(gr * gc, th * tw), k)
+        t = torch.arange(gr * gc, device=matrix.device, dtype=torch.int64)
+        corner = torch.div(t, gc, rounding_mode="floor") * (th * cols) + (t % gc) * tw
+        pos = corner.unsqueeze(1) + in_tile[idx]
+        idx_parts.append(idx)
+        val_parts.append(torch.take(chunk, pos))
+    if len(idx_parts) == 1:
+        return idx_parts[0], val_parts[0]
     return torch.cat(idx_parts), torch.cat(val_parts)
 
 
@@ -178,7 +211,9 @@ def _select_block(
 # Quantisation statistics as a reduction protocol
 # --------------------------------------------------------------------------------------------
 
-QuantSteps = Generator[torch.Tensor, torch.Tensor, tuple[tuple[float, ...], torch.Tensor | None]]
+QuantResult = tuple[tuple[float, ...], torch.Tensor | None]
+QuantSteps = Generator[torch.Tensor, torch.Tensor, QuantResult]
+BatchSteps = Generator[torch.Tensor, torch.Tensor, list[QuantResult]]
 
 
 def quantize_steps(vals: torch.Tensor, n_total: int, config: SparseLoCoConfig) -> QuantSteps:
@@ -192,57 +227,106 @@ def quantize_steps(vals: torch.Tensor, n_total: int, config: SparseLoCoConfig) -
     float32, and elementwise arithmetic is float32 like the reference.
     Returns ``(table, codes)``.
     """
-    dev = vals.device
-    v = vals.to(torch.float32)
-    # Round 1: exact sum of the kept values -> shift.
-    total = yield accumulate(v)
-    shift = to_float32(exact_value(total) / n_total)
-    c = v - torch.tensor(shift, dtype=torch.float32, device=dev)
-    sq = c * c
-    finite_sq = torch.isfinite(sq)
-    # Round 2: exact sum of squared deviations (+ a count of overflowed squares) -> sigma.
-    sent = torch.cat(
-        [accumulate(torch.where(finite_sq, sq, 0.0)), (~finite_sq).sum().reshape(1).to(torch.int64)]
-    )
-    got = yield sent
-    if n_total > 1 and int(got[-1]) == 0:
-        sigma = math.sqrt(float(exact_value(got[:-1]) / (n_total - 1)))
+    results = yield from quantize_batch([vals], [n_total], config)
+    return results[0]
+
+
+def quantize_batch(
+    vals_list: Sequence[torch.Tensor], n_totals: Sequence[int], config: SparseLoCoConfig
+) -> BatchSteps:
+    """:func:`quantize_steps` for several tensors at once (one pass per step, not one per tensor).
+
+    Each yielded vector is exactly the concatenation, in list order, of the vectors the
+    per-tensor generators would yield in that round, so the reduction is the same; the
+    elementwise float32 arithmetic is the same too (each value is combined with its own
+    tensor's shift and scale). Returns one ``(table, codes)`` per tensor.
+    """
+    m = len(vals_list)
+    if m == 0:
+        return []
+    dev = vals_list[0].device
+    sizes = [int(x.numel()) for x in vals_list]
+    if m == 1:
+        v = vals_list[0].reshape(-1).to(torch.float32)
+        tid: torch.Tensor | None = None
     else:
-        sigma = math.inf
+        v = torch.cat([x.reshape(-1).to(torch.float32) for x in vals_list])
+        tid = torch.repeat_interleave(
+            torch.arange(m, device=dev), torch.tensor(sizes, device=dev), output_size=v.numel()
+        )
+
+    def per_value(scalars: list[float]) -> torch.Tensor:
+        """Each value's own tensor's float32 scalar (a device tensor, see the division below)."""
+        t = torch.tensor(scalars, dtype=torch.float32, device=dev)
+        return t if tid is None else t[tid]
+
+    nb = NUM_BUCKETS
+    # Round 1: exact sum of the kept values -> shift.
+    got = (yield accumulate(v, tid, m)).tolist()
+    shifts = [to_float32(exact_value(got[i * nb : (i + 1) * nb]) / n_totals[i]) for i in range(m)]
+    c = v - per_value(shifts)
+    sq = c * c
+    # Round 2: exact sum of squared deviations (+ a count of overflowed squares) -> sigma.
+    # The squares are >= 0, so a finite float sum proves every square finite (the usual case,
+    # one reduction); otherwise count the overflowed ones exactly.
+    if math.isfinite(float(sq.sum())):
+        overflow = torch.zeros(m, dtype=torch.int64, device=dev)
+        sq_sums = accumulate(sq, tid, m).view(m, nb)
+    else:
+        finite_sq = torch.isfinite(sq)
+        overflow = (
+            (~finite_sq).sum().reshape(1).to(torch.int64)
+            if tid is None
+            else torch.bincount(tid[~finite_sq], minlength=m).to(torch.int64)
+        )
+        sq_sums = accumulate(torch.where(finite_sq, sq, 0.0), tid, m).view(m, nb)
+    got = (yield torch.cat([sq_sums, overflow.view(m, 1)], dim=1).reshape(-1)).tolist()
     factor = (
         config.scale_sigmas if config.quantizer == "reference" else config.symmetric_scale_sigmas
     )
-    scale = to_float32(factor * sigma)
-    if scale == 0.0 or not math.isfinite(scale):
-        scale = 1.0
+    scales = []
+    for i in range(m):
+        row = got[i * (nb + 1) : (i + 1) * (nb + 1)]
+        if n_totals[i] > 1 and int(row[-1]) == 0:
+            sigma = math.sqrt(float(exact_value(row[:-1]) / (n_totals[i] - 1)))
+        else:
+            sigma = math.inf
+        scale = to_float32(factor * sigma)
+        scales.append(1.0 if scale == 0.0 or not math.isfinite(scale) else scale)
     # A device tensor (not a Python scalar) keeps the division a true IEEE division on CUDA.
-    scale_t = torch.tensor([scale], dtype=torch.float32, device=dev)
+    scale_t = per_value(scales)
     if config.quantizer == "reference":
         q = torch.round(c / scale_t + 2.0)
     else:
         q = torch.floor(c / scale_t) + 2.0
     q = q.clamp_(0, _NUM_LEVELS - 1).to(torch.int64)
     # Round 3: per-bin counts and exact sums of c -> decoder table.
-    counts_local = torch.bincount(q.reshape(-1), minlength=_NUM_LEVELS).to(torch.int64)
-    got = yield torch.cat([counts_local, accumulate(c, q, _NUM_LEVELS)])
-    counts = got[:_NUM_LEVELS].tolist()
-    lut = []
-    for b in range(_NUM_LEVELS):
-        acc = got[_NUM_LEVELS + b * NUM_BUCKETS : _NUM_LEVELS + (b + 1) * NUM_BUCKETS]
-        lut.append(to_float32(exact_value(acc) / counts[b]) if counts[b] else 0.0)
-    return (shift, *lut), q.to(torch.uint8)
-
-
-def _no_steps(vals: torch.Tensor) -> QuantSteps:
-    """quantizer="none": no statistics, no rounds."""
-    return (), None
-    yield vals  # pragma: no cover - makes this a generator
+    groups = q if tid is None else tid * _NUM_LEVELS + q
+    counts_local = torch.bincount(groups, minlength=m * _NUM_LEVELS).to(torch.int64)
+    bin_sums = accumulate(c, groups, m * _NUM_LEVELS).view(m, _NUM_LEVELS * nb)
+    sent = torch.cat([counts_local.view(m, _NUM_LEVELS), bin_sums], dim=1).reshape(-1)
+    got = (yield sent).tolist()
+    width = _NUM_LEVELS + _NUM_LEVELS * nb
+    codes = q.to(torch.uint8)
+    results: list[QuantResult] = []
+    offset = 0
+    for i in range(m):
+        row = got[i * width : (i + 1) * width]
+        counts = row[:_NUM_LEVELS]
+        lut = []
+        for b in range(_NUM_LEVELS):
+            acc = row[_NUM_LEVELS + b * nb : _NUM_LEVELS + (b + 1) * nb]
+            lut.append(to_float32(exact_value(acc) / counts[b]) if counts[b] else 0.0)
+        piece = codes[offset : offset + sizes[i]].view(vals_list[i].shape)
+        offset += sizes[i]
+        results.append(((shifts[i], *lut), piece))
+    return results
 
 
 def _drive(
-    rank_gens: Sequence[Sequence[QuantSteps]],
+    rank_gens: Sequence[Sequence[Generator[torch.Tensor, torch.Tensor, _R]]],
     reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]],
-) -> list[list[tuple[tuple[float, ...], torch.Tensor | None]]]:
+) -> list[list[_R]]:
     """Run per-rank lists of quantiser generators in lockstep, batching each round.
 
     ``reduce`` receives one concatenated vector per rank and returns the summed vector for each.
@@ -309,31 +393,45 @@ def _prepare(name: str, sl: TensorSlice, config: SparseLoCoConfig) -> _Prepared:
     k = kept_per_tile(geom, config)
     idx, vals = _select_block(matrix, geom, k, config.chunk_elements)
     # Non-finite magnitudes always win the top-k, so checking the kept values covers the tensor.
-    if not bool(torch.isfinite(vals).all()):
+    # A finite sum proves every kept value finite (NaN or inf would make it non-finite); only
+    # an overflowing sum needs the elementwise check.
+    if not math.isfinite(float(vals.sum())) and not bool(torch.isfinite(vals).all()):
         raise EncodeError(f"tensor {name!r}: contains NaN or infinity; refusing to encode it")
     return _Prepared(name, geom, k, block, idx, vals)
 
 
-def _steps(p: _Prepared, config: SparseLoCoConfig) -> QuantSteps:
+def _batch_steps(prepared: Sequence[_Prepared], config: SparseLoCoConfig) -> BatchSteps:
+    """One generator quantising all of a rank's tensors; only sliced tensors take part in rounds.
+
+    A rank holding a whole tensor (unsharded, or replicated like TP norms) needs no group
+    reduction; every replica computes the same result on its own. The sliced tensors are
+    quantised together, and their round vectors are reduced across the shard group.
+    """
     if config.quantizer == "none":
-        return _no_steps(p.values)
-    steps = quantize_steps(p.values, p.geometry.num_tiles * p.k, config)
-    if p.block == full_block(p.geometry):
-        # A rank holding the whole tensor (unsharded, or replicated like TP norms) needs no
-        # group reduction; every replica computes the same result on its own.
-        return _finished(_drive([[steps]], lambda vs: vs)[0][0])
-    return steps
+        return [((), None) for _ in prepared]
+    results: list[QuantResult | None] = [None] * len(prepared)
+    whole = [i for i, p in enumerate(prepared) if p.block == full_block(p.geometry)]
+    sliced = [i for i, p in enumerate(prepared) if p.block != full_block(p.geometry)]
+    mine = quantize_batch(
+        [prepared[i].values for i in whole], [_n_total(prepared[i]) for i in whole], config
+    )
+    local = _drive([[mine]], lambda vs: vs)[0][0]
+    for i, r in zip(whole, local, strict=True):
+        results[i] = r
+    if sliced:
+        shared = yield from quantize_batch(
+            [prepared[i].values for i in sliced], [_n_total(prepared[i]) for i in sliced], config
+        )
+        for i, r in zip(sliced, shared, strict=True):
+            results[i] = r
+    return [r for r in results if r is not None]
 
 
-def _finished(result: tuple[tuple[float, ...], torch.Tensor | None]) -> QuantSteps:
-    """A generator that yields nothing and returns ``result``."""
-    return result
-    yield torch.empty(0)  # pragma: no cover - makes this a generator
+def _n_total(p: _Prepared) -> int:
+    return p.geometry.num_tiles * p.k
 
 
-def _finish(
-    p: _Prepared, result: tuple[tuple[float, ...], torch.Tensor | None], config: SparseLoCoConfig
-) -> TensorPiece:
+def _finish(p: _Prepared, result: QuantResult, config: SparseLoCoConfig) -> TensorPiece:
     if config.quantizer == "none":
         return TensorPiece(p.name, p.geometry, p.k, p.block, p.indices, None, p.values, (), "none")
     table, codes = result
@@ -355,11 +453,11 @@ def encode_slices(
     config = config or _DEFAULT
     names = sorted(slices)
     prepared = [_prepare(n, slices[n], config) for n in names]
-    gens = [_steps(p, config) for p in prepared]
+    gens = [_batch_steps(prepared, config)]
     if reduce is None:
-        results = _drive([gens], lambda vs: vs)[0]
+        results = _drive([gens], lambda vs: vs)[0][0]
     else:
-        results = _drive([gens], lambda vs: [reduce(vs[0])])[0]
+        results = _drive([gens], lambda vs: [reduce(vs[0])])[0][0]
     return {p.name: _finish(p, r, config) for p, r in zip(prepared, results, strict=True)}
 
 
@@ -400,7 +498,7 @@ def encode_slices_lockstep(
         names = sorted(rank)
         ps = [_prepare(n, rank[n], config) for n in names]
         prepared.append(ps)
-        gens.append([_steps(p, config) for p in ps])
+        gens.append([_batch_steps(ps, config)])
 
     def _sum(vs: list[torch.Tensor]) -> list[torch.Tensor]:
         total = torch.stack([v.to("cpu") for v in vs]).sum(0)
@@ -408,7 +506,7 @@ def encode_slices_lockstep(
 
     results = _drive(gens, _sum)
     return [
-        {p.name: _finish(p, r, config) for p, r in zip(ps, rs, strict=True)}
+        {p.name: _finish(p, r, config) for p, r in zip(ps, rs[0], strict=True)}
         for ps, rs in zip(prepared, results, strict=True)
     ]
 

@@ -39,15 +39,17 @@ def accumulate(
     if n >= _MAX_TERMS:
         raise ValueError(f"cannot sum {n} terms exactly (limit {_MAX_TERMS})")
     mant, expo = torch.frexp(flat)
-    ints = (mant * float(1 << _MANTISSA_BITS)).to(torch.int64)  # exact: |mant| < 1, 24 bits
     buckets = (expo.to(torch.int64) + _BIAS).clamp_(0, NUM_BUCKETS - 1)
     if groups is not None:
         buckets += groups.reshape(-1).to(torch.int64) * NUM_BUCKETS
     size = num_groups * NUM_BUCKETS
+    if flat.device.type == "cpu":
+        return _bucket_sums_cpu(flat, buckets, size)
+    ints = (mant * float(1 << _MANTISSA_BITS)).to(torch.int64)  # exact: |mant| < 1, 24 bits
     # Two levels: many rows, each adding into its own bucket vector, then a column sum. Most
     # values share a handful of exponents, so one shared vector would serialise the atomic adds
     # on a GPU; integer addition keeps the result exact and order-free either way.
-    rows = max(1, min(_ROWS, n // 512))
+    rows = max(1, min(_ROWS, n // 512, _MAX_ROW_CELLS // size))
     pad = (-n) % rows
     if pad:
         ints = torch.cat([ints, ints.new_zeros(pad)])
@@ -55,6 +57,33 @@ def accumulate(
     acc = torch.zeros((rows, size), dtype=torch.int64, device=flat.device)
     acc.scatter_add_(1, buckets.view(rows, -1), ints.view(rows, -1))
     return acc.sum(0)
+
+
+# Bound on the GPU path's (rows x buckets) scratch (many groups -> fewer rows).
+_MAX_ROW_CELLS = 1 << 22
+# float64 adds of values that share a bucket are exact while the running sum stays below
+# 2**53 units of that bucket: at most 2**29 terms of |mantissa| < 2**24 per chunk.
+_F64_EXACT_TERMS = 1 << 29
+
+
+def _bucket_sums_cpu(flat: torch.Tensor, buckets: torch.Tensor, size: int) -> torch.Tensor:
+    """CPU: the same int64 bucket vector from one float64 ``bincount`` per chunk.
+
+    Every value in bucket ``b`` is an integer multiple of ``2**(b - 172)`` below ``2**24`` of
+    those units, so float64 sums of up to ``2**29`` of them are exact (any order); scaling by a
+    power of two and converting to int64 is exact too. One pass instead of a scatter into a
+    per-row scratch matrix.
+    """
+    unit = torch.arange(size, dtype=torch.int64) % NUM_BUCKETS
+    to_units = torch.pow(2.0, (_BIAS + _MANTISSA_BITS - unit).to(torch.float64))
+    total = torch.zeros(size, dtype=torch.int64)
+    for start in range(0, flat.numel(), _F64_EXACT_TERMS):
+        stop = start + _F64_EXACT_TERMS
+        sums = torch.bincount(
+            buckets[start:stop], weights=flat[start:stop].to(torch.float64), minlength=size
+        )
+        total += (sums * to_units).to(torch.int64)
+    return total
 
 
 def exact_value(acc: torch.Tensor | list[int]) -> Fraction:

@@ -179,3 +179,18 @@ def flat_positions(
     row = gi * th + torch.div(indices, tw, rounding_mode="floor")
     col = gj * tw + indices % tw
     return (row * ncols + col).reshape(-1)
+
+
+def global_positions(indices: torch.Tensor, geom: TileGeometry) -> torch.Tensor:
+    """:func:`flat_positions` for the whole tile grid (``rel=False``), in fewer passes.
+
+    Position = the tile's top-left corner + a per-in-tile-index offset read from an ``L``-entry
+    table; the same integers as :func:`flat_positions`.
+    """
+    th, tw, gc, cols = geom.tile_rows, geom.tile_cols, geom.grid_cols, geom.cols
+    device = indices.device
+    lane = torch.arange(geom.tile_len, device=device, dtype=torch.int64)
+    in_tile = torch.div(lane, tw, rounding_mode="floor") * cols + lane % tw
+    t = torch.arange(indices.shape[0], device=device, dtype=torch.int64)
+    corner = torch.div(t, gc, rounding_mode="floor") * (th * cols) + (t % gc) * tw
+    return (corner.unsqueeze(1) + in_tile[indices]).reshape(-1)

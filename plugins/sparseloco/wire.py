@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import struct
+import sys
 import warnings
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -55,9 +56,8 @@ from covenant.plugins.sparseloco.errors import (
     PayloadVersionError,
 )
 from covenant.plugins.sparseloco.tiling import (
-    TileBlock,
     TileGeometry,
-    flat_positions,
+    global_positions,
     kept_per_tile,
     tile_geometry,
 )
@@ -149,58 +149,84 @@ def expected_payload_size(
 # --------------------------------------------------------------------------------------------
 
 
-def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """(T, 8*n) uint8 0/1 -> (T, n) uint8, LSB-first."""
-    b = bits.view(bits.shape[0], -1, 8)
-    out = b[..., 0].clone()
-    for j in range(1, 8):
-        out |= b[..., j] << j
-    return out
+def _bit_table(device: torch.device) -> torch.Tensor:
+    """(256, 8) uint8: the bits of every byte value, LSB first (unpacking is one gather)."""
+    byte = torch.arange(256, device=device, dtype=torch.int32).unsqueeze(1)
+    return ((byte >> torch.arange(8, device=device, dtype=torch.int32)) & 1).to(torch.uint8)
 
 
-def _unpack_bits(data: torch.Tensor) -> torch.Tensor:
-    """(T, n) uint8 -> (T, 8*n) uint8 0/1, LSB-first."""
-    return torch.stack([(data >> j) & 1 for j in range(8)], dim=-1).reshape(data.shape[0], -1)
+def _field_layout(first_bit: int, width: int, count: int) -> tuple[int, list[int], list[int]]:
+    """Where ``count`` back-to-back ``width``-bit fields starting at bit ``first_bit`` lie.
+
+    Returns ``(span, byte_of_field, shift_of_field)``: every field sits inside the ``span``
+    bytes starting at ``byte_of_field[i]``, shifted left by ``shift_of_field[i]`` bits.
+    """
+    offsets = [first_bit + i * width for i in range(count)]
+    span = (7 + width + 7) // 8
+    return span, [o >> 3 for o in offsets], [o & 7 for o in offsets]
 
 
 def ef_encode(indices: torch.Tensor, tile_len: int) -> torch.Tensor:
-    """(T, k) sorted unique in-tile indices -> (T, record_bytes) uint8 Elias-Fano records."""
+    """(T, k) sorted unique in-tile indices -> (T, record_bytes) uint8 Elias-Fano records.
+
+    Every set bit belongs to exactly one field, so the record bytes are sums of per-field byte
+    contributions: one ``scatter_add_`` of all of them (no carries, so the sums are ORs).
+    """
     n_tiles, k = indices.shape
     low, upper, nbytes = ef_params(tile_len, k)
-    if nbytes == 0:
-        return torch.empty((n_tiles, 0), dtype=torch.uint8, device=indices.device)
     dev = indices.device
-    bits = torch.zeros((n_tiles, nbytes * 8), dtype=torch.uint8, device=dev)
-    pos = (indices >> low) + torch.arange(k, device=dev, dtype=torch.int64)
-    bits.scatter_(1, pos, 1)
+    if nbytes == 0:
+        return torch.empty((n_tiles, 0), dtype=torch.uint8, device=dev)
+    lane = torch.arange(k, device=dev, dtype=torch.int64)
+    pos = (indices >> low) + lane  # upper-bitmap bit of each index
+    targets = [pos >> 3]
+    contributions = [torch.ones_like(pos) << (pos & 7)]
     if low:
-        lo = indices & ((1 << low) - 1)
-        lowbits = torch.stack([(lo >> j) & 1 for j in range(low)], dim=-1).reshape(n_tiles, k * low)
-        bits[:, upper : upper + k * low] = lowbits.to(torch.uint8)
-    return _pack_bits(bits)
+        span, byte_of, shift_of = _field_layout(upper, low, k)
+        start = torch.tensor(byte_of, device=dev, dtype=torch.int64)
+        field = (indices & ((1 << low) - 1)) << torch.tensor(
+            shift_of, device=dev, dtype=torch.int64
+        )
+        for j in range(span):
+            targets.append(start.expand(n_tiles, k) + j)
+            contributions.append((field >> (8 * j)) & 0xFF)
+    out = torch.zeros((n_tiles, nbytes + 3), dtype=torch.int64, device=dev)
+    out.scatter_add_(1, torch.cat(targets, dim=1), torch.cat(contributions, dim=1))
+    return out[:, :nbytes].to(torch.uint8)
 
 
 def ef_decode(records: torch.Tensor, tile_len: int, k: int, name: str) -> torch.Tensor:
     """(T, record_bytes) uint8 -> (T, k) int64 in-tile indices, fully validated."""
-    n_tiles = records.shape[0]
+    n_tiles, nbytes = records.shape
     low, upper, _ = ef_params(tile_len, k)
-    bits = _unpack_bits(records)
-    up = bits[:, :upper]
+    dev = records.device
+    upper_bytes = (upper + 7) // 8
+    up = _bit_table(dev)[records[:, :upper_bytes].to(torch.int64)].reshape(n_tiles, -1)[:, :upper]
     counts = up.sum(dim=1, dtype=torch.int32)
     if bool((counts != k).any()):
         bad = int(torch.nonzero(counts != k)[0, 0])
         raise PayloadIndexError(
             f"tile {bad} declares {int(counts[bad])} indices, expected k={k}", tensor=name
         )
-    if bool(bits[:, upper + k * low :].any()):
+    used = upper + k * low
+    # Only the last byte can hold padding (the record is the fewest whole bytes).
+    if used < nbytes * 8 and (
+        bool((records[:, used >> 3] >> (used & 7)).any())
+        or bool(records[:, (used >> 3) + 1 :].any())
+    ):
         raise PayloadIndexError("non-zero padding bits in an index record", tensor=name)
     pos = torch.nonzero(up)[:, 1].reshape(n_tiles, k)
-    hi = pos - torch.arange(k, device=records.device, dtype=torch.int64)
+    hi = pos - torch.arange(k, device=dev, dtype=torch.int64)
     idx = hi << low
     if low:
-        lb = bits[:, upper : upper + k * low].reshape(n_tiles, k, low).to(torch.int64)
-        for j in range(low):
-            idx |= lb[..., j] << j
+        span, byte_of, shift_of = _field_layout(upper, low, k)
+        wide = torch.zeros((n_tiles, nbytes + span), dtype=torch.int64, device=dev)
+        wide[:, :nbytes] = records
+        start = torch.tensor(byte_of, device=dev, dtype=torch.int64)
+        field = wide[:, start]
+        for j in range(1, span):
+            field |= wide[:, start + j] << (8 * j)
+        idx |= (field >> torch.tensor(shift_of, device=dev, dtype=torch.int64)) & ((1 << low) - 1)
     if bool((idx >= tile_len).any()):
         raise PayloadIndexError(f"index out of range for tiles of length {tile_len}", tensor=name)
     if k > 1 and bool((idx[:, 1:] <= idx[:, :-1]).any()):
@@ -214,16 +240,67 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     pad = (-flat.numel()) % 4
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    q = flat.view(-1, 4)
-    return q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)
+    # Four codes as one little-endian int32 b0 | b1 << 8 | b2 << 16 | b3 << 24 (each < 4):
+    # folding the bytes down by 6, 12 and 18 bits lines the codes up at bits 0, 2, 4, 6.
+    w = _le_int32(flat)
+    return ((w | (w >> 6) | (w >> 12) | (w >> 18)) & 0xFF).to(torch.uint8)
+
+
+def pack_codes_bytes(codes: torch.Tensor) -> bytes:
+    """:func:`pack_codes` straight to bytes, on the host with numpy (the bytes go there anyway).
+
+    Same fold as :func:`pack_codes`; numpy runs these few cheap passes without thread start-up
+    costs, which dominate on a busy CPU.
+    """
+    flat = np.ascontiguousarray(codes.reshape(-1).to(torch.uint8).cpu().numpy())
+    pad = (-flat.size) % 4
+    if pad:
+        flat = np.concatenate([flat, np.zeros(pad, dtype=np.uint8)])
+    w = flat.view("<u4")
+    return ((w | (w >> 6) | (w >> 12) | (w >> 18)) & 0xFF).astype(np.uint8).tobytes()
+
+
+def _le_int32(flat: torch.Tensor) -> torch.Tensor:
+    """Bytes (a multiple of 4) -> int32 words, little-endian whatever the host order."""
+    if sys.byteorder == "little":
+        if flat.storage_offset() % 4:  # a view into a bigger buffer: realign before reinterpreting
+            flat = flat.clone()
+        return flat.view(torch.int32)
+    q = flat.view(-1, 4).to(torch.int32)
+    return q[:, 0] | (q[:, 1] << 8) | (q[:, 2] << 16) | (q[:, 3] << 24)
+
+
+def _code_table(device: torch.device | str) -> torch.Tensor:
+    """(256, 4) uint8: the four 2-bit codes of every byte value, first code first."""
+    byte = torch.arange(256, device=device, dtype=torch.int32).unsqueeze(1)
+    return ((byte >> (2 * torch.arange(4, device=device, dtype=torch.int32))) & 3).to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, count: int, name: str) -> torch.Tensor:
     """uint8 -> ``count`` codes (uint8 0..3); padding codes must be zero."""
-    codes = torch.stack([(packed >> (2 * j)) & 3 for j in range(4)], dim=-1).reshape(-1)
-    if bool(codes[count:].any()):
-        raise PayloadFormatError("non-zero padding bits after the last code", tensor=name)
-    return codes[:count]
+    _check_code_padding(packed, count, name)
+    return _code_table(packed.device)[packed.to(torch.int64)].reshape(-1)[:count]
+
+
+def _check_code_padding(packed: torch.Tensor, count: int, name: str) -> None:
+    """The bits after the ``count``-th code must be zero (canonical bytes)."""
+    used = 2 * count
+    if used < packed.numel() * 8:
+        tail = packed[used >> 3 :].to(torch.int32)
+        tail[0] >>= used & 7
+        if bool(tail.any()):
+            raise PayloadFormatError("non-zero padding bits after the last code", tensor=name)
+
+
+def unpack_levels(
+    packed: torch.Tensor, count: int, table: Sequence[float], name: str
+) -> torch.Tensor:
+    """uint8 codes -> ``count`` float32 decoded values ``lut[q] + shift`` (one gather per byte)."""
+    _check_code_padding(packed, count, name)
+    levels = decode_levels(table, packed.device)
+    return levels[_code_table(packed.device).to(torch.int64)][packed.to(torch.int64)].reshape(-1)[
+        :count
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,6 +319,7 @@ def pack_payload(
     entries: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     seen: set[str] = set()
+    records = _index_records(items)
     for p in items:
         if p.name in seen:
             raise EncodeError(f"tensor {p.name!r}: given twice")
@@ -261,11 +339,29 @@ def pack_payload(
         else:
             assert p.codes is not None
             chunks.append(np.asarray(p.table, dtype="<f4").tobytes())
-            chunks.append(pack_codes(p.codes).cpu().numpy().tobytes())
-        chunks.append(ef_encode(p.indices, g.tile_len).cpu().numpy().tobytes())
+            chunks.append(pack_codes_bytes(p.codes))
+        chunks.append(records[p.name])
     header = _header_bytes(entries, config.quantizer)
     body = b"".join([_PREFIX.pack(MAGIC, VERSION, 0, len(header)), header, *chunks])
     return body + _TRAILER.pack(zlib.crc32(body))
+
+
+def _index_records(items: Sequence[TensorPiece]) -> dict[str, bytes]:
+    """Each tensor's Elias-Fano index section; tensors with the same tile length and k (most of
+    a model) are encoded in one batch, which saves the fixed cost of each vectorised step."""
+    groups: dict[tuple[int, int, torch.device], list[TensorPiece]] = {}
+    for p in items:
+        groups.setdefault((p.geometry.tile_len, p.k, p.indices.device), []).append(p)
+    out: dict[str, bytes] = {}
+    for (tile_len, _, _), group in groups.items():
+        joined = torch.cat([p.indices for p in group]) if len(group) > 1 else group[0].indices
+        data = ef_encode(joined, tile_len).cpu().numpy()
+        row = 0
+        for p in group:
+            n = p.indices.shape[0]
+            out[p.name] = data[row : row + n].tobytes()
+            row += n
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,27 +425,70 @@ class ParsedPayload:
             if not bool(torch.isfinite(vals).all()):
                 raise PayloadTableError("non-finite value", tensor=name)
             return vals.reshape(e.geometry.num_tiles, e.k)
-        codes = unpack_codes(raw[_TABLE_BYTES:].to(device), n, name).to(torch.int64)
-        return decode_levels(e.table, device)[codes].reshape(e.geometry.num_tiles, e.k)
+        vals = unpack_levels(raw[_TABLE_BYTES:].to(device), n, e.table, name)
+        return vals.reshape(e.geometry.num_tiles, e.k)
 
     def sparse(
-        self, name: str, device: torch.device | str = "cpu"
+        self,
+        name: str,
+        device: torch.device | str = "cpu",
+        indices: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat positions (int64, into the global row-major tensor) and float32 values."""
-        e = self.entries[name]
-        idx = self.indices(name, device)
-        vals = self.values(name, device)
-        g = e.geometry
-        pos = flat_positions(idx, g, TileBlock(0, g.grid_rows, 0, g.grid_cols), rel=False)
-        return pos, vals.reshape(-1)
+        """Flat positions (int64, into the global row-major tensor) and float32 values.
 
-    def dense(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        ``indices``: this tensor's already-read in-tile indices (from :meth:`all_indices`).
+        """
+        e = self.entries[name]
+        idx = self.indices(name, device) if indices is None else indices
+        vals = self.values(name, device)
+        return global_positions(idx, e.geometry), vals.reshape(-1)
+
+    def dense(
+        self,
+        name: str,
+        device: torch.device | str = "cpu",
+        indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The decoded dense float32 tensor ``name`` in its global shape."""
         g = self.entries[name].geometry
-        pos, vals = self.sparse(name, device)
+        pos, vals = self.sparse(name, device, indices)
         out = torch.zeros(g.numel, dtype=torch.float32, device=device)
         out[pos] = vals
         return out.reshape(g.shape)
+
+    def all_indices(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """:meth:`indices` of every tensor, with the same checks and the same first error.
+
+        Tensors with the same tile length, k and record size (most of a model) are decoded in
+        one batch. If a batch fails any check, its tensors are re-read one by one in name order,
+        so the error raised is exactly the one :meth:`indices` raises for the first bad tensor.
+        """
+        groups: dict[tuple[int, int, int], list[ParsedEntry]] = {}
+        for e in self.entries.values():
+            if e.index_bytes_per_tile:
+                key = (e.geometry.tile_len, e.k, e.index_bytes_per_tile)
+                groups.setdefault(key, []).append(e)
+        out: dict[str, torch.Tensor] = {}
+        for (tile_len, k, nbytes), group in groups.items():
+            if len(group) == 1:
+                continue
+            raw = torch.cat(
+                [
+                    self._buf[e.index_offset : e.index_offset + e.geometry.num_tiles * nbytes]
+                    for e in group
+                ]
+            ).to(device)
+            try:
+                idx = ef_decode(raw.view(-1, nbytes), tile_len, k, group[0].name)
+            except PayloadIndexError:
+                continue  # the per-tensor pass below raises the precise error
+            row = 0
+            for e in group:
+                out[e.name] = idx[row : row + e.geometry.num_tiles]
+                row += e.geometry.num_tiles
+        return {
+            name: out[name] if name in out else self.indices(name, device) for name in self.entries
+        }
 
     def validate(self) -> None:
         """Read and check every tensor's indices and values (no dense allocation)."""
