@@ -3,8 +3,10 @@
 Layout under ``<run dir>/checkpoints/``::
 
     step-000100/            one folder per checkpoint
-        meta.json           step counters, run id, model fingerprint, layout, RNG of rank 0
+        meta.json           step counters, run id, model fingerprint, layout
         rank-00000.pt       each rank's model + optimizer state + RNG states
+        weights/            full, unsharded weights in safetensors (any layout can load them;
+                            ``covenant export --format hf`` reads them)
     latest                  text file naming the newest complete folder
 
 A checkpoint is first written to ``.tmp-step-000100-<pid>/`` and renamed into place only when
@@ -111,8 +113,13 @@ class Checkpointer:
             raise CheckpointError(f"{pointer} names {path}, which is incomplete or missing")
         return path
 
-    def save(self, meta: CheckpointMeta, state: Mapping[str, Any]) -> Path:
-        """Write this rank's ``state``; rank 0 finalises. Collective: every rank must call it."""
+    def save(self, meta: CheckpointMeta, state: Mapping[str, Any],
+             write_extra: Callable[[Path], None] | None = None) -> Path:
+        """Write this rank's ``state``; rank 0 finalises. Collective: every rank must call it.
+
+        ``write_extra(folder)`` runs on every rank inside the not-yet-published folder (the
+        full, layout-independent weights go there), so a crash never publishes half of it.
+        """
         name = f"step-{meta.step:06d}"
         final = self.root / name
         tmp = self.root / f".tmp-{name}"
@@ -123,6 +130,8 @@ class Checkpointer:
         part = tmp / f"rank-{self.rank:05d}.pt"
         torch.save(dict(state), str(part) + ".part")
         os.replace(str(part) + ".part", part)
+        if write_extra is not None:
+            write_extra(tmp)
         self.barrier()
         if self.rank == 0:
             (tmp / "meta.json").write_text(meta.to_json(), encoding="utf-8")

@@ -205,7 +205,8 @@ def run_training(session: Session, *, resume: bool = False, steps: int | None = 
 def _save(ckpt: Checkpointer, expect: CheckpointMeta, step: int, model: ModelRuntime) -> None:
     meta = CheckpointMeta(step=step, run_id=expect.run_id, model_fingerprint=expect.model_fingerprint,
                           world_size=expect.world_size)
-    ckpt.save(meta, {"model": model.state_dict(), "rng": rng_state(), "step": step})
+    ckpt.save(meta, {"model": model.state_dict(), "rng": rng_state(), "step": step},
+              write_extra=lambda folder: model.save_full_weights(str(folder / "weights")))
 
 
 def _default_data_dir() -> Path:

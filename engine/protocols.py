@@ -118,6 +118,12 @@ class ModelRuntime(Protocol):
         """Restore what :meth:`state_dict` returned (same preset and layout)."""
         ...
 
+    def save_full_weights(self, path: str) -> None:
+        """Collective: write the full, unsharded weights (safetensors, global names) to ``path``
+        on rank 0, in a layout-independent format that any layout (and ``covenant export``)
+        can load without executing anything."""
+        ...
+
     def reload_params(self) -> None:
         """Refresh the optimizer's own copy of the weights after an in-place write.
 

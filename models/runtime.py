@@ -345,6 +345,17 @@ class MegatronRuntime:
                 local[a - lo : z - lo].copy_(rows[(slice(a - r0, z - r0), *cols)])
         self.reload_params()
 
+    def save_full_weights(self, path: str) -> None:
+        """Collective: gather the full, layout-independent weights and let world rank 0 write
+        them to ``path`` (``model.safetensors`` + ``covenant_model.json``; see
+        :func:`covenant.models.hf.save_full_weights`). ``covenant export`` reads this format."""
+        from covenant.models.hf import save_full_weights
+        from covenant.models.layout import gather_full_state
+
+        full = gather_full_state(self, "params")
+        if full is not None:
+            save_full_weights(full, self._shape, path)
+
     def reload_params(self) -> None:
         """Call after writing parameters in place (outer step, full-weight load): refreshes the
         optimizer's fp32 master copies where the model holds bf16 parameters."""

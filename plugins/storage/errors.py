@@ -8,6 +8,7 @@ layer (:mod:`covenant.plugins.storage.exchange`) turns them into a recorded
 
 from __future__ import annotations
 
+from covenant.engine import protocols
 from covenant.engine.errors import CovenantError
 
 
@@ -49,5 +50,10 @@ class ManifestError(StorageError):
     """A manifest or object header is malformed (not JSON, missing fields, over its size cap)."""
 
 
-class CommitmentError(StorageError):
-    """A read-credential commitment string is malformed or too long."""
+class CommitmentError(StorageError, protocols.CommitmentError):
+    """A read-credential commitment string is malformed or too long.
+
+    Also a :class:`covenant.engine.protocols.CommitmentError`, so a caller that reads
+    commitments through the chain interface catches both the chain's and the parser's errors
+    with one ``except``.
+    """

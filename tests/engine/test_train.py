@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,15 @@ def test_loss_falls_and_outputs_are_written(covenant_engine, small_data: Path) -
     assert resolved["config"]["model"]["preset"] == "tiny-2l" and "model" in resolved["versions"]
     assert run.called("covenant_window_end") and run.called("covenant_train_start")
 
+    # the run directory exports to Hugging Face format through the real CLI
+    out = run.run_dir.parent / "hf"
+    res = subprocess.run([sys.executable, "-m", "covenant.engine.cli.main", "export", "--format", "hf",
+                          str(run.run_dir), str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["vocab_size"] == 512
+    assert (out / "model.safetensors").stat().st_size > 0
+
 
 def test_resume_refuses_another_preset_and_damages_nothing(covenant_engine, small_data: Path) -> None:  # type: ignore[no-untyped-def]
     covenant_engine(enable=["model"], overrides=overrides(
@@ -78,9 +89,9 @@ def test_resume_refuses_another_preset_and_damages_nothing(covenant_engine, smal
     run = covenant_engine(enable=["model"], overrides=overrides(
         small_data, "foreign", "train.steps=4", "model.layers=4"))
     ckpt = run.run_dir / "checkpoints" / "step-000002"
-    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    before = {p.relative_to(ckpt): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
     from covenant.engine.loop import run_training
 
     with pytest.raises(CheckpointError, match="another model preset/layout"):
         run_training(run.session, resume=True)
-    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert {p.relative_to(ckpt): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before

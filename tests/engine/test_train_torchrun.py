@@ -77,7 +77,10 @@ def _assert_checkpoint(run_dir: Path, ranks: int) -> None:
     latest = (root / "latest").read_text().strip()
     assert latest == f"step-{STEPS:06d}"
     files = sorted(p.name for p in (root / latest).iterdir())
-    assert files == ["meta.json", *(f"rank-{r:05d}.pt" for r in range(ranks))], files
+    assert files == ["meta.json", *(f"rank-{r:05d}.pt" for r in range(ranks)), "weights"], files
+    # the full weights were gathered from both ranks into one layout-independent file
+    assert sorted(p.name for p in (root / latest / "weights").iterdir()) == [
+        "covenant_model.json", "model.safetensors"]
     meta = json.loads((root / latest / "meta.json").read_text())
     assert meta["step"] == STEPS and meta["world_size"] == ranks
     assert not list(root.glob(".tmp-*")), "a temporary checkpoint folder was left behind"
