@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from covenant.engine.errors import CovenantError
+from covenant.engine.fs import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,7 @@ class Checkpointer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            pointer_tmp = self.root / f".{LATEST}.tmp"
-            pointer_tmp.write_text(name + "\n", encoding="utf-8")
-            os.replace(pointer_tmp, self.root / LATEST)
+            atomic_write_bytes(self.root / LATEST, (name + "\n").encode())
             self._prune(keep_name=name)
             log.info("checkpoint saved: %s", final)
         self.barrier()

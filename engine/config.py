@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from covenant.engine.errors import ConfigError
+from covenant.engine.fs import atomic_write_bytes
 
 ENV_PREFIX = "COVENANT__"
 BUILTIN_PACKAGE = "covenant.configs"
@@ -212,8 +213,6 @@ def write_resolved(config: Config, run_dir: Path, versions: Mapping[str, str]) -
     """Write ``resolved_config.json`` (every section + engine and plugin versions) atomically."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "resolved_config.json"
-    tmp = path.with_suffix(".json.tmp")
     payload = {"source": config.source, "versions": dict(versions), "config": config.to_dict()}
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
     return path

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from covenant.engine.fs import atomic_write_bytes
 from covenant.models.config import ModelConfigError, ModelShape
 from covenant.models.layout import global_params
 
@@ -148,9 +149,7 @@ def hf_config(shape: ModelShape, dtype: torch.dtype = torch.float32) -> dict[str
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def export_hf(

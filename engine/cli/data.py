@@ -6,6 +6,7 @@ prints one red line naming the file and what differs, and exits with status 2.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -128,22 +129,13 @@ def prepare_cmd(
     open_session(None).register_text_sources()  # sources that enabled plugins contribute
     out_dir = out if out is not None else default_data_dir()
     console = Console(stderr=as_json)
+    run = functools.partial(
+        _run_prepare, out_dir, vocab, seq_len, source, val_fraction, shard_tokens,
+        doc_max_chars, max_docs, tokenizer, tokenizer_hash, force,
+    )
     try:
         if as_json:
-            manifest = _run_prepare(
-                out_dir,
-                vocab,
-                seq_len,
-                source,
-                val_fraction,
-                shard_tokens,
-                doc_max_chars,
-                max_docs,
-                tokenizer,
-                tokenizer_hash,
-                force,
-                None,
-            )
+            manifest = run(None)
         else:
             with Progress(
                 SpinnerColumn(),
@@ -163,20 +155,7 @@ def prepare_cmd(
                         tokens=f"{p.tokens:,}",
                     )
 
-                manifest = _run_prepare(
-                    out_dir,
-                    vocab,
-                    seq_len,
-                    source,
-                    val_fraction,
-                    shard_tokens,
-                    doc_max_chars,
-                    max_docs,
-                    tokenizer,
-                    tokenizer_hash,
-                    force,
-                    on_progress,
-                )
+                manifest = run(on_progress)
     except ValueError as e:  # DataError and pydantic's ValidationError are both ValueErrors
         raise _fail(e) from e
     except OSError as e:

@@ -30,7 +30,6 @@ from typing import Any, Literal
 import numpy as np
 from tokenizers import Tokenizer
 
-from covenant.engine.data._fs import create_temp
 from covenant.engine.data.config import DataConfig
 from covenant.engine.data.errors import DataError, ManifestError, TokenizerMismatchError
 from covenant.engine.data.shards import (
@@ -56,6 +55,7 @@ from covenant.engine.data.tokenizer import (
     train_tokenizer,
 )
 from covenant.engine.data.tokenizer import tokenizer_hash as compute_tokenizer_hash
+from covenant.engine.fs import create_temp
 
 __all__ = [
     "DATA_DIR_ENV",

@@ -34,7 +34,6 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from covenant.engine.data._fs import atomic_write_bytes, create_temp
 from covenant.engine.data.assignment import active_shard
 from covenant.engine.data.errors import (
     ManifestError,
@@ -46,6 +45,7 @@ from covenant.engine.data.errors import (
     TokenRangeError,
 )
 from covenant.engine.data.tokenizer import load_tokenizer
+from covenant.engine.fs import atomic_write_bytes, create_temp
 
 if TYPE_CHECKING:
     import torch

@@ -20,8 +20,8 @@ import numpy as np
 from numpy.typing import NDArray
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from covenant.engine.data._fs import atomic_write_bytes
 from covenant.engine.data.errors import TokenizerMismatchError
+from covenant.engine.fs import atomic_write_bytes
 
 __all__ = [
     "EOD_TOKEN",

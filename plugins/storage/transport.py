@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import uuid
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from urllib.parse import urlsplit
 
 from fsspec.implementations.dirfs import DirFileSystem
 
+from covenant.engine.fs import atomic_write_bytes
 from covenant.engine.protocols import ObjectInfo
 from covenant.plugins.storage.config import Credentials, StorageConfig, resolve_credentials
 from covenant.plugins.storage.errors import (
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 READ_CHUNK = 4 << 20  # body read granularity: a truncated body resumes from a chunk boundary
-TMP_PREFIX = ".covenant-tmp-"  # never a valid key part (keys may not start with '.')
 SCHEMES = ("file", "memory", "s3")
 
 # aliases: inside the classes ``list`` names the method, not the builtin
@@ -292,16 +291,8 @@ class LocalTransport(FsspecTransport):
     def _put_once(self, key: str, data: bytes, timeout: float) -> None:
         final = Path(self._fs._join(key))
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        # the temporary name starts with '.', which no valid key part does, so listings skip it
+        atomic_write_bytes(final, data)
 
 
 async def _bounded(

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _storage_helpers import s3_transport
 from faultproxy import FaultProxy
 
-from covenant.plugins.storage.config import Credentials, StorageConfig
+from covenant.plugins.storage.config import StorageConfig
 from covenant.plugins.storage.transport import FsspecTransport, open_transport
-
-CREDS = Credentials(key_id="testing", secret="testing")
 
 
 @pytest.fixture(scope="session")
@@ -75,13 +74,6 @@ def fast_cfg() -> StorageConfig:
 def fault_proxy(moto_endpoint: tuple[str, int]) -> Iterator[FaultProxy]:
     with FaultProxy(*moto_endpoint) as proxy:
         yield proxy
-
-
-def s3_transport(
-    endpoint_url: str, bucket: str, cfg: StorageConfig, prefix: str = "root"
-) -> FsspecTransport:
-    cfg = cfg.model_copy(update={"endpoint_url": endpoint_url})
-    return open_transport(f"s3://{bucket}/{prefix}", cfg, credentials=CREDS)
 
 
 @pytest.fixture(params=["memory", "file", "s3"])

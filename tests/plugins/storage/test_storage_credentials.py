@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from _storage_helpers import CREDS, s3_transport
 from bittensor.sp_core import Keypair
-from conftest import CREDS, s3_transport
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

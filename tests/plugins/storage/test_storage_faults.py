@@ -6,7 +6,7 @@ import os
 import time
 
 import pytest
-from conftest import s3_transport
+from _storage_helpers import s3_transport
 from faultproxy import FaultProxy, Rule
 
 from covenant.plugins.storage.config import StorageConfig

@@ -1,4 +1,4 @@
-"""Small file-system helpers for atomic writes (temp file in the same folder + ``os.replace``).
+"""Atomic file writes for every component (temp file in the same folder + ``os.replace``).
 
 Temporary files are created with ``O_EXCL`` and mode ``0o666`` (minus the umask), so that the
 renamed result has ordinary permissions (``tempfile.mkstemp`` would leave it ``0600``).
