@@ -16,7 +16,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from covenant.models import memory
 from covenant.models.config import ModelConfig, ModelConfigError
 
 _err = Console(stderr=True, soft_wrap=True)
@@ -28,7 +27,7 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _gib(n: float) -> str:
-    return f"{n / memory.GIB:,.2f} GiB"
+    return f"{n / (1 << 30):,.2f} GiB"
 
 
 def model_info(
@@ -49,6 +48,8 @@ def model_info(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Parameter counts and a per-GPU memory plan for a preset under a TP x PP x DP layout."""
+    from covenant.models import memory  # torch-heavy: only when the command runs
+
     try:
         shape = ModelConfig(preset=preset).resolve()
         result = memory.plan(
