@@ -32,7 +32,7 @@ from covenant.engine.checkpoint import (
 )
 from covenant.engine.data.assignment import check_batch_layout, rank_share, sample_pool, step_ids
 from covenant.engine.data.config import DataConfig
-from covenant.engine.data.prepare import prepare_from_config
+from covenant.engine.data.prepare import default_data_dir, prepare_from_config
 from covenant.engine.data.shards import Manifest, ShardDataset, open_active_shard
 from covenant.engine.errors import ConfigError, CovenantError
 from covenant.engine.protocols import ModelRuntime, StepResult, WindowContext
@@ -118,7 +118,7 @@ def run_training(session: Session, *, resume: bool = False, steps: int | None = 
 
     session.register_text_sources()
     manifest = prepare_from_config(data_cfg)
-    data_dir = Path(data_cfg.dir) if data_cfg.dir is not None else _default_data_dir()
+    data_dir = Path(data_cfg.dir) if data_cfg.dir is not None else default_data_dir()
     model: ModelRuntime | None = hook.covenant_build_model(config=cfg)
     if model is None:
         raise ConfigError("no model provider is enabled (enable the 'model' plugin)")
@@ -208,11 +208,6 @@ def _save(ckpt: Checkpointer, expect: CheckpointMeta, step: int, model: ModelRun
     ckpt.save(meta, {"model": model.state_dict(), "rng": rng_state(), "step": step},
               write_extra=lambda folder: model.save_full_weights(str(folder / "weights")))
 
-
-def _default_data_dir() -> Path:
-    from covenant.engine.data.prepare import default_data_dir
-
-    return default_data_dir()
 
 
 __all__ = ["DataFeed", "TrainResult", "evaluate", "run_training"]
