@@ -303,16 +303,18 @@ def run_codec_benchmark(
     tensors = updates[0]
     paths: dict[str, Any] = {}
 
-    def _covenant(cfg: sl.SparseLoCoConfig) -> dict[str, Any]:
-        payload, t_enc, m_enc = _timed(lambda: sl.encode(tensors, cfg), dev, repeats)
-        decoded, t_dec, m_dec = _timed(
-            lambda: sl.decode(payload, shapes, cfg, device=dev), dev, repeats
-        )
-        payloads = [payload] + [sl.encode(u, cfg) for u in updates[1:]]
+    def _measure(
+        encode: Callable[[dict[str, torch.Tensor]], bytes],
+        decode: Callable[[bytes], dict[str, torch.Tensor]],
+        aggregate: Callable[[list[bytes]], Any],
+    ) -> dict[str, Any]:
+        """Time one codec path (encode, decode, aggregate of ``peers``) on the same tensors."""
+        payload, t_enc, m_enc = _timed(lambda: encode(tensors), dev, repeats)
+        decoded, t_dec, m_dec = _timed(lambda: decode(payload), dev, repeats)
+        payloads = [payload] + [encode(u) for u in updates[1:]]
         peer_list = [payloads[i % len(payloads)] for i in range(peers)]
-        _, t_agg, m_agg = _timed(lambda: sl.aggregate(peer_list, shapes, cfg, device=dev), dev, 1)
+        _, t_agg, m_agg = _timed(lambda: aggregate(peer_list), dev, 1)
         bits = len(payload) * 8 / numel
-        assert len(payload) == sl.expected_payload_size(shapes, cfg)
         return {
             "payload_bytes": len(payload),
             "bits_per_param": bits,
@@ -328,33 +330,25 @@ def run_codec_benchmark(
             **_relative_error(decoded, tensors),
         }
 
+    def _covenant(cfg: sl.SparseLoCoConfig) -> dict[str, Any]:
+        result = _measure(
+            lambda t: sl.encode(t, cfg),
+            lambda data: sl.decode(data, shapes, cfg, device=dev),
+            lambda batch: sl.aggregate(batch, shapes, cfg, device=dev),
+        )
+        assert result["payload_bytes"] == sl.expected_payload_size(shapes, cfg)
+        return result
+
     cfg = sl.SparseLoCoConfig()
     paths["covenant"] = _covenant(cfg)
     if include_symmetric:
         paths["covenant_symmetric"] = _covenant(sl.SparseLoCoConfig(quantizer="symmetric"))
     if include_reference:
-        payload, t_enc, m_enc = _timed(lambda: reference_encode(tensors, cfg), dev, repeats)
-        decoded, t_dec, m_dec = _timed(
-            lambda: reference_decode(payload, shapes, cfg, dev), dev, repeats
+        paths["reference"] = _measure(
+            lambda t: reference_encode(t, cfg),
+            lambda data: reference_decode(data, shapes, cfg, dev),
+            lambda batch: reference_aggregate(batch, shapes, cfg, dev),
         )
-        payloads = [payload] + [reference_encode(u, cfg) for u in updates[1:]]
-        peer_list = [payloads[i % len(payloads)] for i in range(peers)]
-        _, t_agg, m_agg = _timed(lambda: reference_aggregate(peer_list, shapes, cfg, dev), dev, 1)
-        bits = len(payload) * 8 / numel
-        paths["reference"] = {
-            "payload_bytes": len(payload),
-            "bits_per_param": bits,
-            "ratio_vs_fp32": 32 / bits,
-            "ratio_vs_bf16": 16 / bits,
-            "encode_params_per_s": numel / t_enc,
-            "decode_params_per_s": numel / t_dec,
-            f"aggregate_{peers}_peers_params_per_s": numel / t_agg,
-            "encode_s": t_enc,
-            "decode_s": t_dec,
-            f"aggregate_{peers}_peers_s": t_agg,
-            "peak_bytes": {"encode": m_enc, "decode": m_dec, "aggregate": m_agg},
-            **_relative_error(decoded, tensors),
-        }
 
     big = model_shapes(scale_to)
     big_numel = sum(math.prod(s) for s in big.values())
