@@ -16,6 +16,7 @@ from typing import Any
 from covenant.engine.config import (
     Config,
     build_config,
+    parse_value,
     read_toml,
     resolve_config_path,
     write_resolved,
@@ -93,8 +94,6 @@ def _early_allow_list(data: Mapping[str, Any], overrides: Iterable[str], source:
     for item in overrides:
         key, _, raw = item.partition("=")
         if key.strip() == "plugins.enable":
-            from covenant.engine.config import parse_value
-
             enable = parse_value(raw.strip())
     if enable is not None and not (isinstance(enable, list) and all(isinstance(n, str) for n in enable)):
         raise ConfigError(f"{source or '--set'}: [plugins] enable: expected a list of plugin names")

@@ -25,13 +25,10 @@ app = typer.Typer(help="Chain: blocks, windows, metagraph, registrations.", no_a
 
 
 def _session(config: str | None, overrides: list[str] | None) -> Any:
-    """The session; registers this plugin by hand while its entry point is not installed."""
-    from covenant.engine.plugins import discover
+    """The session (this command group exists only where the chain plugin is enabled)."""
     from covenant.engine.session import open_session
-    from covenant.plugins.chain import plugin
 
-    extra = [] if "chain" in discover() else [("chain", plugin)]
-    return open_session(config, overrides or (), extra_plugins=extra)
+    return open_session(config, overrides or ())
 
 
 def _chain(session: Any) -> Any:

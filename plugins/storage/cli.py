@@ -28,12 +28,10 @@ UrlOpt = Annotated[str | None, typer.Option("--url", help="storage URL (default:
 
 
 def _transport(config: str | None, overrides: list[str] | None, url: str | None) -> Any:
-    from covenant.engine.plugins import discover
     from covenant.engine.session import open_session
     from covenant.plugins.storage import plugin
 
-    extra = [] if "storage" in discover() else [("storage", plugin)]
-    session = open_session(config, overrides or (), extra_plugins=extra)
+    session = open_session(config, overrides or ())
     target = url if url is not None else plugin.storage_url(session.config)
     transport = session.hook.covenant_transport(url=target, config=session.config)
     if transport is None:
