@@ -60,7 +60,7 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "numpy": {"key": torch.from_numpy(np.asarray(np_state[1]).copy()), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
-        "python": repr(random.getstate()),
+        "python": _python_rng_state(),
     }
 
 
@@ -68,15 +68,13 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np_s = state["numpy"]
     np.random.set_state(("MT19937", np_s["key"].numpy(), np_s["pos"], np_s["has_gauss"], np_s["cached"]))
-    import ast
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["key"].tolist()), py["gauss"]))
 
-    random.setstate(_tuple_tree(ast.literal_eval(state["python"])))
 
-
-def _tuple_tree(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return tuple(_tuple_tree(v) for v in value)
-    return value
+def _python_rng_state() -> dict[str, Any]:
+    version, key, gauss = random.getstate()
+    return {"version": version, "key": torch.tensor(key, dtype=torch.int64), "gauss": gauss}
 
 
 @dataclass(frozen=True)
