@@ -5,8 +5,8 @@ Layout under ``<run dir>/checkpoints/``::
     step-000100/            one folder per checkpoint
         meta.json           step counters, run id, model fingerprint, layout
         rank-00000.pt       each rank's model + optimizer state + RNG states
-        weights/            full, unsharded weights in safetensors (any layout can load them;
-                            ``covenant export --format hf`` reads them)
+        weights/            the full weights: each rank's own pieces in safetensors plus an
+                            index (any layout can load them; ``covenant export`` reads them)
     latest                  text file naming the newest complete folder
 
 A checkpoint is first written to ``.tmp-step-000100-<pid>/`` and renamed into place only when

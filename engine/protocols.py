@@ -119,9 +119,15 @@ class ModelRuntime(Protocol):
         ...
 
     def save_full_weights(self, path: str) -> None:
-        """Collective: write the full, unsharded weights (safetensors, global names) to ``path``
-        on rank 0, in a layout-independent format that any layout (and ``covenant export``)
-        can load without executing anything."""
+        """Collective: write the full weights to the directory ``path`` in a layout-independent
+        format (safetensors pieces by global name, plus an index) that any layout (and
+        ``covenant export``) can load without executing anything. Each rank writes what it
+        owns; nothing is gathered."""
+        ...
+
+    def load_full_weights(self, path: str) -> None:
+        """Collective: load weights that :meth:`save_full_weights` wrote, under any layout;
+        each rank reads only its own slices. A failure on any rank raises on every rank."""
         ...
 
     def reload_params(self) -> None:

@@ -104,14 +104,21 @@ def _print_table(result: dict[str, Any]) -> None:
 
 def export(
     source: Path = typer.Argument(..., help="full-weight directory, or a run directory"),
-    out_dir: Path = typer.Argument(..., help="where to write model.safetensors + config.json"),
+    out_dir: Path = typer.Argument(..., help="where to write the safetensors files + config.json"),
     fmt: str = typer.Option("hf", "--format", help="export format (only 'hf')"),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16"),
+    max_shard_gb: float = typer.Option(
+        5.0, "--max-shard-size", min=0.001, help="largest weights file, in GB (10^9 bytes)"
+    ),
 ) -> None:
-    """Export weights as a Hugging Face Llama checkpoint (safetensors + config.json)."""
+    """Export weights as a Hugging Face Llama checkpoint (safetensors + config.json).
+
+    Streams one tensor at a time: the memory needed is one output file, not the model.
+    """
     import torch
 
-    from covenant.models.hf import WeightsError, export_hf, find_full_weights, load_full_weights
+    from covenant.models.hf import export_hf
+    from covenant.models.weights import WeightsError, find_full_weights, open_full_weights
 
     if fmt != "hf":
         raise _fail(f"unknown --format {fmt!r}; supported: hf")
@@ -119,9 +126,10 @@ def export(
     if dtype not in dtypes:
         raise _fail(f"unknown --dtype {dtype!r}; supported: {', '.join(dtypes)}")
     try:
-        weights_dir = find_full_weights(source)
-        full, shape = load_full_weights(weights_dir)
-        out = export_hf(full, shape, out_dir, dtypes[dtype])
+        weights = open_full_weights(find_full_weights(source))
+        out = export_hf(
+            weights, weights.shape, out_dir, dtypes[dtype], max_shard_bytes=int(max_shard_gb * 1e9)
+        )
     except (WeightsError, ModelConfigError, OSError) as exc:
         raise _fail(str(exc)) from None
-    typer.echo(f"exported {shape.name} from {weights_dir} to {out}")
+    typer.echo(f"exported {weights.shape.name} from {weights.root} to {out}")

@@ -143,6 +143,11 @@ class ModelConfig(BaseModel):
         None, gt=0, description="refuse to start if the memory plan exceeds this per GPU"
     )
     seed: int = 0
+    init_weights: str | None = Field(
+        None,
+        description="start from these full weights (a weights or run directory) instead of "
+        "the seeded initialisation; any layout may have written them",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

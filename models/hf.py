@@ -6,13 +6,12 @@ QKV is grouped per key/value head (``[q_0..q_{n-1}, k, v]`` for each group) and 
 separate ``q_proj``/``k_proj``/``v_proj``. Rotary embeddings need no permutation: megatron's
 non-interleaved RoPE is HF Llama's rotate-half.
 
-:func:`export_hf` writes ``model.safetensors`` and a ``config.json`` with ``LlamaConfig`` fields,
-which ``transformers.LlamaForCausalLM.from_pretrained(out_dir)`` loads without the hub.
-
-The full-weight file format of this package (``save_full_weights`` / ``load_full_weights``) is
-the same safetensors file in the *global* layout plus ``covenant_model.json`` holding the
-resolved :class:`ModelShape`; :func:`load_full_weights` bounds sizes before reading and never
-unpickles.
+:func:`export_hf` writes the safetensors files and a ``config.json`` with ``LlamaConfig``
+fields, which ``transformers.LlamaForCausalLM.from_pretrained(out_dir)`` loads without the hub.
+It streams: global tensors are read one at a time (from a :class:`~covenant.models.weights.
+FullWeights` directory, or a dict) and written in files of at most ``max_shard_bytes`` (HF's
+``model-00001-of-0000N.safetensors`` + ``model.safetensors.index.json`` when more than one), so
+exporting covenant-72b needs one file's worth of memory, not the whole model.
 """
 
 from __future__ import annotations
@@ -20,29 +19,27 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from covenant.engine.fs import atomic_write_bytes
-from covenant.models.config import ModelConfigError, ModelShape
-from covenant.models.layout import global_params
+from covenant.models.config import ModelShape
+from covenant.models.layout import GlobalParam, global_params
+from covenant.models.weights import FullWeights, WeightsError, check_full_state
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 HF_CONFIG_FILE = "config.json"
-SHAPE_FILE = "covenant_model.json"
-#: Largest sidecar JSON read (bytes); a model config is a few hundred bytes.
-MAX_JSON_BYTES = 1 << 20
-
-
-class WeightsError(ValueError):
-    """A weights directory or file that is missing, malformed or for another model shape."""
+#: Largest HF weights file written (bytes), as ``save_pretrained``'s default "5GB".
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+_OWN_FILES = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 
 
 def _split_qkv(qkv: torch.Tensor, shape: ModelShape) -> tuple[torch.Tensor, ...]:
@@ -80,30 +77,14 @@ _TOP = {
 }
 
 
-def check_full_state(full: Mapping[str, torch.Tensor], shape: ModelShape) -> None:
-    """Raise :class:`WeightsError` unless ``full`` has exactly the global tensors of ``shape``."""
-    expected = {p.name: p.shape for p in global_params(shape)}
-    missing = sorted(set(expected) - set(full))
-    extra = sorted(set(full) - set(expected))
-    if missing or extra:
-        raise WeightsError(
-            f"weights do not match {shape.name}: missing {missing[:3]}, extra {extra[:3]}"
-        )
-    for name, want in expected.items():
-        if tuple(full[name].shape) != want:
-            raise WeightsError(f"{name}: shape {tuple(full[name].shape)}, expected {want}")
-
-
 def to_hf(full: Mapping[str, torch.Tensor], shape: ModelShape) -> dict[str, torch.Tensor]:
     """Global-layout weights -> HF ``LlamaForCausalLM`` state dict."""
     check_full_state(full, shape)
-    out = {hf: full[g] for g, hf in _TOP.items()}
-    for i in range(shape.layers):
-        out.update({hf: full[g] for g, hf in _names(i).items()})
-        q, k, v = _split_qkv(full[f"decoder.layers.{i}.self_attention.linear_qkv.weight"], shape)
-        a = f"model.layers.{i}.self_attn."
-        out[a + "q_proj.weight"], out[a + "k_proj.weight"], out[a + "v_proj.weight"] = q, k, v
-    return {k: v.contiguous() for k, v in out.items()}
+    return {
+        name: t.contiguous()
+        for p in global_params(shape)
+        for name, t in _hf_pieces(p, full[p.name], shape)
+    }
 
 
 def from_hf(hf: Mapping[str, torch.Tensor], shape: ModelShape) -> dict[str, torch.Tensor]:
@@ -148,97 +129,90 @@ def hf_config(shape: ModelShape, dtype: torch.dtype = torch.float32) -> dict[str
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _hf_pieces(p: GlobalParam, tensor: torch.Tensor, shape: ModelShape) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF tensors made from global tensor ``p`` (three for the fused QKV)."""
+    if p.name in _TOP:
+        yield _TOP[p.name], tensor
+        return
+    assert p.layer is not None
+    if p.name.endswith("self_attention.linear_qkv.weight"):
+        a = f"model.layers.{p.layer}.self_attn."
+        q, k, v = _split_qkv(tensor, shape)
+        yield from ((a + "q_proj.weight", q), (a + "k_proj.weight", k), (a + "v_proj.weight", v))
+        return
+    yield _names(p.layer)[p.name], tensor
+
+
+def _plan_files(
+    params: list[GlobalParam], itemsize: int, max_bytes: int
+) -> list[list[GlobalParam]]:
+    """Group global tensors (in order) into files of at most ``max_bytes`` (a tensor larger
+    than that gets a file of its own); a fused QKV's three HF tensors share one file."""
+    groups: list[list[GlobalParam]] = [[]]
+    size = 0
+    for p in params:
+        n = itemsize
+        for d in p.shape:
+            n *= d
+        if groups[-1] and size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += n
+    return groups
 
 
 def export_hf(
-    full: Mapping[str, torch.Tensor],
+    weights: FullWeights | Mapping[str, torch.Tensor],
     shape: ModelShape,
     out_dir: str | os.PathLike[str],
     dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` loadable by ``LlamaForCausalLM``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in to_hf(full, shape).items()}
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS_FILE)
-    _atomic_write_text(out / HF_CONFIG_FILE, json.dumps(hf_config(shape, dtype), indent=2))
-    logger.info("exported %s (%d tensors) to %s", shape.name, len(tensors), out)
-    return out
+    """Write ``LlamaForCausalLM`` safetensors + ``config.json`` from global-layout ``weights``.
 
-
-def save_full_weights(
-    full: Mapping[str, torch.Tensor], shape: ModelShape, out_dir: str | os.PathLike[str]
-) -> Path:
-    """Write covenant's own full-weight format: global-layout safetensors + shape sidecar."""
-    check_full_state(full, shape)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in full.items()}
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "covenant-global"})
-    os.replace(tmp, out / WEIGHTS_FILE)
-    _atomic_write_text(out / SHAPE_FILE, json.dumps(shape.to_dict(), indent=2))
-    return out
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise WeightsError(f"{path} does not exist")
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise WeightsError(f"{path} is larger than {MAX_JSON_BYTES} bytes")
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise WeightsError(f"{path} must hold a JSON object")
-    return data
-
-
-def load_full_weights(
-    path: str | os.PathLike[str], max_bytes: int | None = None
-) -> tuple[dict[str, torch.Tensor], ModelShape]:
-    """Read a directory written by :func:`save_full_weights`: (global weights, shape).
-
-    Checks the shape sidecar, bounds the file size by what that shape implies (fp32, plus 1 MiB
-    of header), and checks every tensor's name and shape. safetensors never executes code.
+    Reads one global tensor at a time; each file is written atomically, the index and
+    ``config.json`` last. Earlier exports' weight files in ``out_dir`` are replaced.
     """
-    root = Path(path)
-    try:
-        shape = ModelShape.from_dict(_read_json(root / SHAPE_FILE))
-    except (TypeError, ModelConfigError) as exc:
-        raise WeightsError(f"{root / SHAPE_FILE}: {exc}") from exc
-    weights = root / WEIGHTS_FILE
-    if not weights.is_file():
-        raise WeightsError(f"{weights} does not exist")
-    numel = sum(int(torch.Size(p.shape).numel()) for p in global_params(shape))
-    limit = max_bytes if max_bytes is not None else numel * 4 + (1 << 20)
-    if weights.stat().st_size > limit:
-        raise WeightsError(
-            f"{weights} is {weights.stat().st_size} bytes, more than {limit} for {shape.name}"
-        )
-    full: dict[str, torch.Tensor] = {}
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-            full[key] = f.get_tensor(key)
-    check_full_state(full, shape)
-    return full, shape
-
-
-def find_full_weights(path: str | os.PathLike[str]) -> Path:
-    """The full-weight directory at ``path``: ``path`` itself if it holds
-    ``covenant_model.json``, else the most recently written such directory below it (a run
-    directory's newest saved weights)."""
-    root = Path(path)
-    if (root / SHAPE_FILE).is_file():
-        return root
-    if not root.is_dir():
-        raise WeightsError(f"{root} is not a directory")
-    found = [p.parent for p in root.rglob(SHAPE_FILE) if (p.parent / WEIGHTS_FILE).is_file()]
-    if not found:
-        raise WeightsError(f"no {SHAPE_FILE} + {WEIGHTS_FILE} under {root}")
-    return max(found, key=lambda d: (d / WEIGHTS_FILE).stat().st_mtime)
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    read: Callable[[str], torch.Tensor]
+    if isinstance(weights, FullWeights):
+        weights.check_matches(shape)
+        source = weights
+        read = lambda name: source.read(name, dtype=dtype)  # noqa: E731
+    else:
+        check_full_state(weights, shape)
+        mapping = weights
+        read = lambda name: mapping[name].detach().to("cpu", dtype)  # noqa: E731
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():
+        if _OWN_FILES.match(stale.name):
+            stale.unlink()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    groups = _plan_files(global_params(shape), itemsize, max_shard_bytes)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, group in enumerate(groups):
+        name = WEIGHTS_FILE if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors: dict[str, torch.Tensor] = {}
+        for p in group:
+            for hf_name, t in _hf_pieces(p, read(p.name), shape):
+                tensors[hf_name] = t.contiguous()
+        tmp = out / (name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / name)
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        logger.info("export: wrote %s (%d tensors)", name, len(tensors))
+        del tensors
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        atomic_write_bytes(out / INDEX_FILE, json.dumps(index, indent=2).encode("utf-8"))
+    config = json.dumps(hf_config(shape, dtype), indent=2)
+    atomic_write_bytes(out / HF_CONFIG_FILE, config.encode("utf-8"))
+    logger.info("exported %s (%d tensors, %d files) to %s", shape.name, len(weight_map), len(groups), out)
+    return out

@@ -246,8 +246,9 @@ class Sharded(Protocol):
     def bindings(self) -> Sequence[Binding]: ...
 
 
-def _sources(runtime: Sharded) -> Iterator[tuple[int, ParamShard]]:
-    """(world rank, shard) of every unique shard of the peer, DP replica 0, fixed order."""
+def unique_sources(runtime: Sharded) -> Iterator[tuple[int, ParamShard]]:
+    """Collective: (world rank, shard) of every unique shard of the peer (DP replica 0; TP rank 0
+    for the replicated norms), in a fixed order that every rank computes alike."""
     coords = runtime.coords
     grid: list[tuple[int, int, int]] = [(0, 0, 0)] * coords.world
     if coords.world > 1:
@@ -270,7 +271,9 @@ def gather_full_state(
     """Collective: the full unsharded fp32 weights (or grads) on world rank 0, ``None`` elsewhere.
 
     One point-to-point message per shard, sent only by DP replica 0 (and TP rank 0 for the
-    replicated norms), received in a fixed order by rank 0.
+    replicated norms), received in a fixed order by rank 0. For tests, parity checks and small
+    models: rank 0 holds the whole model in fp32. Checkpoints and exports never gather; they use
+    :func:`covenant.models.weights.save_sharded`, where every rank writes its own pieces.
     """
 
     def local(b: Binding) -> torch.Tensor:
@@ -283,7 +286,7 @@ def gather_full_state(
         full = {
             p.name: torch.empty(p.shape, dtype=torch.float32) for p in global_params(runtime.shape)
         }
-    for src, shard in _sources(runtime):
+    for src, shard in unique_sources(runtime):
         if src == rank == 0:
             full[shard.name][box(shard)] = local(own[shard.name]).float().cpu()
         elif rank == 0:
@@ -309,39 +312,3 @@ def load_full_state(runtime: Sharded, full: Mapping[str, torch.Tensor]) -> None:
                     f"{b.shard.name}: shape {tuple(src.shape)} != {b.shard.global_shape}"
                 )
             b.local_view().copy_(src[box(b.shard)])
-
-
-def scatter_full_state(runtime: Sharded, full: Mapping[str, torch.Tensor] | None) -> None:
-    """Collective: load ``full`` (given on world rank 0 only) into every rank's shards.
-
-    One global tensor at a time is broadcast, so peak extra memory is the largest tensor.
-    """
-    from covenant.models.parallel import run_on_rank0
-
-    params = global_params(runtime.shape)
-
-    def check() -> bool:
-        assert full is not None
-        for p in params:
-            if p.name not in full:
-                raise LayoutError(f"full state lacks {p.name}")
-            if tuple(full[p.name].shape) != p.shape:
-                raise LayoutError(f"{p.name}: shape {tuple(full[p.name].shape)} != {p.shape}")
-        return True
-
-    run_on_rank0(check)
-    own = {b.shard.name: b for b in runtime.bindings()}
-    dev = next(iter(own.values())).param.device
-    world = runtime.coords.world
-    with torch.no_grad():
-        for p in params:
-            if runtime.coords.rank == 0:
-                assert full is not None
-                buf = full[p.name].to(device=dev, dtype=torch.float32).contiguous()
-            else:
-                buf = torch.empty(p.shape, dtype=torch.float32, device=dev)
-            if world > 1:
-                dist.broadcast(buf, src=0)
-            if p.name in own:
-                b = own[p.name]
-                b.local_view().copy_(buf[box(b.shard)])

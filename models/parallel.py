@@ -172,3 +172,31 @@ def run_on_rank0(fn: Callable[[], T]) -> T:
     if not ok:
         raise ParallelError(f"rank 0 failed: {payload}") from error
     return payload  # type: ignore[return-value]
+
+
+def run_on_all(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank; if it raises on any, raise :class:`ParallelError` on all.
+
+    The outcome is agreed through one ``all_gather_object`` that every rank reaches, so a rank
+    whose disk is full (say) never leaves the others waiting in the next collective. The error
+    names the lowest failing rank and its message.
+    """
+    error: Exception | None = None
+    result: Any = None
+    try:
+        result = fn()
+        status: str | None = None
+    except Exception as exc:  # gathered and re-raised below on all ranks
+        error = exc
+        status = f"{type(exc).__name__}: {exc}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        statuses: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(statuses, status)
+    else:
+        statuses = [status]
+    failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
+    if failed:
+        rank, message = failed[0]
+        more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+        raise ParallelError(f"rank {rank} failed: {message}{more}") from error
+    return result  # type: ignore[no-any-return]

@@ -71,6 +71,13 @@ def check_before_start(cfg: ModelConfig, world: int) -> tuple[ModelShape, Layout
                 f"{need['per_rank_bytes']['total'] / memory.GIB:.1f} GiB per GPU, more than "
                 f"gpu_memory_gb={cfg.gpu_memory_gb} allows (see `covenant model-info`)"
             )
+    if cfg.init_weights is not None:
+        from covenant.models.weights import WeightsError, find_full_weights, open_full_weights
+
+        try:
+            open_full_weights(find_full_weights(cfg.init_weights)).check_matches(shape)
+        except WeightsError as exc:
+            raise ModelConfigError(f"[model] init_weights: {exc}") from None
     return shape, layout, choice
 
 
@@ -157,6 +164,10 @@ class MegatronRuntime:
             self._coords.pp_rank,
         )
         self._init_global()
+        if model_cfg.init_weights is not None:
+            from covenant.models.weights import find_full_weights
+
+            self.load_full_weights(str(find_full_weights(model_cfg.init_weights)))
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self._fwd_bwd = get_forward_backward_func()
@@ -346,15 +357,19 @@ class MegatronRuntime:
         self.reload_params()
 
     def save_full_weights(self, path: str) -> None:
-        """Collective: gather the full, layout-independent weights and let world rank 0 write
-        them to ``path`` (``model.safetensors`` + ``covenant_model.json``; see
-        :func:`covenant.models.hf.save_full_weights`). ``covenant export`` reads this format."""
-        from covenant.models.hf import save_full_weights
-        from covenant.models.layout import gather_full_state
+        """Collective: every rank writes the pieces it owns under ``path`` and rank 0 the index
+        (:func:`covenant.models.weights.save_sharded`). ``covenant export`` reads this format."""
+        from covenant.models.weights import save_sharded
 
-        full = gather_full_state(self, "params")
-        if full is not None:
-            save_full_weights(full, self._shape, path)
+        save_sharded(self, path)
+
+    def load_full_weights(self, path: str) -> None:
+        """Collective: read this rank's slices of the weights under ``path`` (any layout wrote
+        them); a bad directory on any rank raises on every rank."""
+        from covenant.models.weights import load_into, open_full_weights
+
+        parallel.run_on_all(lambda: load_into(self, open_full_weights(path)))
+        self.reload_params()
 
     def reload_params(self) -> None:
         """Call after writing parameters in place (outer step, full-weight load): refreshes the

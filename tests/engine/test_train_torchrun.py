@@ -78,9 +78,9 @@ def _assert_checkpoint(run_dir: Path, ranks: int) -> None:
     assert latest == f"step-{STEPS:06d}"
     files = sorted(p.name for p in (root / latest).iterdir())
     assert files == ["meta.json", *(f"rank-{r:05d}.pt" for r in range(ranks)), "weights"], files
-    # the full weights were gathered from both ranks into one layout-independent file
+    # each rank wrote its own pieces of the full weights; rank 0 the layout-independent index
     assert sorted(p.name for p in (root / latest / "weights").iterdir()) == [
-        "covenant_model.json", "model.safetensors"]
+        "covenant_model.json", *(f"shard-{r:05d}.safetensors" for r in range(ranks))]
     meta = json.loads((root / latest / "meta.json").read_text())
     assert meta["step"] == STEPS and meta["world_size"] == ranks
     assert not list(root.glob(".tmp-*")), "a temporary checkpoint folder was left behind"
@@ -131,3 +131,17 @@ def test_pp2_under_torchrun_runs_and_checkpoints(pp2_run: Path) -> None:
 def test_pp2_losses_match_single_process(pp2_run: Path, reference: list[float]) -> None:
     got = _losses(pp2_run)
     assert _close(got, reference), (got, reference)
+
+
+def test_pp2_run_exports_to_hf_through_the_cli(pp2_run: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    out = tmp_path / "hf"
+    res = subprocess.run([sys.executable, "-m", "covenant.engine.cli.main", "export", str(pp2_run),
+                          str(out), "--dtype", "bf16"], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        assert f.get_tensor("model.layers.1.mlp.down_proj.weight").dtype.is_floating_point
+    assert len(names) == 2 * 9 + 3 and "lm_head.weight" in names  # both stages' tensors

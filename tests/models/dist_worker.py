@@ -2,9 +2,10 @@
 
 Run as a script: ``python dist_worker.py JOB_JSON RANK WORLD``. It joins a gloo group through a
 ``FileStore`` in the job directory (no ports), then for each layout in the job builds the
-runtime with those TP/PP/DP degrees, loads the same full weights, and records on rank 0: the
-loss and gathered gradients of one forward/backward, then the loss, grad norm and gathered
-weights after one optimizer step. Each rank trains on its DP share (entries ``r, r+D, ...``).
+runtime with those TP/PP/DP degrees, loads the same full weights (written by one process, read
+by each rank for its own slices), and records on rank 0: the loss and gathered gradients of one
+forward/backward, then the loss, grad norm and gathered weights after one optimizer step, whose
+ranks then save their own pieces of the weights (``saved``). Each rank trains on its DP share (entries ``r, r+D, ...``).
 """
 
 from __future__ import annotations
@@ -60,24 +61,26 @@ def run_layout(
     job: dict[str, Any], tp: int, pp: int, dp: int, dist_opt: bool = False
 ) -> dict[str, Any] | None:
     from covenant.models.config import ModelConfig, OptimConfig
-    from covenant.models.layout import gather_full_state, load_full_state
+    from covenant.models.layout import gather_full_state
     from covenant.models.runtime import MegatronRuntime
 
     cfg = ModelConfig(**job["model"], tp=tp, pp=pp, dp=dp, distributed_optimizer=dist_opt)
     rt = MegatronRuntime(cfg, OptimConfig(**job.get("optim", {})))
     from safetensors.torch import load_file
 
-    load_full_state(rt, load_file(job["weights"]))
-    rt.reload_params()
+    rt.load_full_weights(job["weights"])  # written by one process: a cross-layout read
     tokens = load_file(job["tokens"])["tokens"]
     share = tokens[rt.coords.dp_rank :: dp]
     fb_loss = rt.forward_backward(share)
     grads = gather_full_state(rt, "grads")
     result = rt.train_step(share, job["lr"])
     params = gather_full_state(rt)
+    saved = Path(job["saved"]) / f"tp{tp}_pp{pp}_dp{dp}" / ("distopt" if dist_opt else "plain")
+    rt.save_full_weights(str(saved))  # every owning rank writes its own pieces
     if rt.coords.rank != 0:
         return None
     return {
+        "saved": str(saved),
         "fb_loss": fb_loss,
         "grads": grads,
         "loss": result.loss,

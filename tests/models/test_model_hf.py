@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +12,15 @@ import typer
 from typer.testing import CliRunner
 
 from covenant.models.config import ModelConfig
-from covenant.models.hf import (
-    WeightsError,
-    export_hf,
-    from_hf,
-    load_full_weights,
-    save_full_weights,
-    to_hf,
-)
+from covenant.models.hf import INDEX_FILE, WEIGHTS_FILE, export_hf, from_hf, to_hf
 from covenant.models.layout import gather_full_state
 from covenant.models.runtime import build_runtime
+from covenant.models.weights import (
+    WeightsError,
+    load_full_weights,
+    open_full_weights,
+    save_full_weights,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -80,16 +80,34 @@ def test_export_cli_from_full_weights_dir(trained: Any, tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "not a directory" in bad.output
 
 
-def test_full_weights_round_trip_and_bounds(trained: Any, tmp_path: Path) -> None:
+def test_full_weights_round_trip_and_bad_index(trained: Any, tmp_path: Path) -> None:
     shape, _, _, full = trained
     save_full_weights(full, shape, tmp_path)
     loaded, shape2 = load_full_weights(tmp_path)
     assert shape2 == shape and all(torch.equal(loaded[k], full[k]) for k in full)
-    with pytest.raises(WeightsError, match="more than 1000"):
-        load_full_weights(tmp_path, max_bytes=1000)
     (tmp_path / "covenant_model.json").write_text("[1, 2]")
     with pytest.raises(WeightsError, match="JSON object"):
         load_full_weights(tmp_path)
+
+
+def test_streaming_export_splits_files_and_transformers_loads_them(
+    trained: Any, tmp_path: Path
+) -> None:
+    shape, tokens, logits, full = trained
+    src = tmp_path / "weights"
+    save_full_weights(full, shape, src)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / WEIGHTS_FILE).write_bytes(b"stale single-file export")  # replaced, not left behind
+    weights = open_full_weights(src)
+    largest = max(t.numel() * 4 for t in full.values())
+    export_hf(weights, shape, out, max_shard_bytes=largest)
+    files = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(files) > 2 and not (out / WEIGHTS_FILE).exists()
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert sorted(set(index["weight_map"].values())) == files
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in full.values())
+    torch.testing.assert_close(_hf_logits(out, tokens), logits, rtol=1e-4, atol=1e-4)
 
 
 def test_to_hf_rejects_wrong_shapes(trained: Any) -> None:

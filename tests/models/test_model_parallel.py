@@ -26,14 +26,11 @@ def job(
     tiny_batch: torch.Tensor,
 ) -> dict[str, Any]:
     from covenant.models.config import ModelConfig
-    from covenant.models.layout import gather_full_state
     from covenant.models.runtime import build_runtime
 
     root = tmp_path_factory.mktemp("parallel")
     rt = build_runtime(ModelConfig(**tiny_model_kwargs))
-    full = gather_full_state(rt)
-    assert full is not None
-    save_file(full, str(root / "weights.safetensors"))
+    rt.save_full_weights(str(root / "weights"))
     save_file({"tokens": tiny_batch}, str(root / "tokens.safetensors"))
     # A small clip so that clipping (on the global norm across shards) is exercised; a large
     # Adam eps because Adam's first step, g/(|g|+eps), turns the last-bit differences of
@@ -41,7 +38,8 @@ def job(
     return {
         "model": tiny_model_kwargs,
         "optim": {"grad_clip": 0.5, "eps": 1e-3},
-        "weights": str(root / "weights.safetensors"),
+        "weights": str(root / "weights"),
+        "saved": str(root / "saved"),
         "tokens": str(root / "tokens.safetensors"),
         "lr": LR,
         "layouts": LAYOUTS,
@@ -84,3 +82,26 @@ def test_two_process_layout_matches_one_process(
     # The distributed optimizer reduce-scatters: each DP rank holds only its own slice of the
     # reduced gradient, so gathered grads are compared for the other layouts only.
     _assert_same(parallel_results[layout], reference, grads="distopt" not in layout)
+
+
+# Files written by save_full_weights: one per rank that owns a unique piece (DP replica 0 only).
+SAVED_FILES = {"tp2_pp1_dp1": 2, "tp1_pp2_dp1": 2, "tp1_pp1_dp2": 1, "tp1_pp1_dp2_distopt": 1}
+
+
+@pytest.mark.parametrize("layout", sorted(SAVED_FILES))
+def test_each_rank_saves_its_own_pieces_and_they_assemble_to_the_weights(
+    layout: str, parallel_results: dict[str, Any], reference: dict[str, Any]
+) -> None:
+    from covenant.models.weights import open_full_weights
+
+    got = parallel_results[layout]
+    weights = open_full_weights(got["saved"])
+    assert len(list(Path(got["saved"]).glob("shard-*.safetensors"))) == SAVED_FILES[layout]
+    saved = weights.to_dict()
+    assert set(saved) == set(got["params"])
+    for name, p in got["params"].items():
+        assert torch.equal(saved[name], p), name
+    # and the single-process reference saved the same weights the layouts trained to
+    ref = open_full_weights(reference["saved"]).to_dict()
+    for name, p in ref.items():
+        torch.testing.assert_close(saved[name], p, rtol=1e-5, atol=1e-6, msg=name)
