@@ -161,6 +161,8 @@ def save_sharded(runtime: Sharded, out_dir: str | os.PathLike[str]) -> Path:
         if mine:
             write_pieces(out, rank, mine)
 
+    # An older index in a reused directory must not describe the files being replaced.
+    parallel.run_on_rank0(lambda: (out / INDEX_FILE).unlink(missing_ok=True))
     parallel.run_on_all(write)
     parallel.run_on_rank0(lambda: write_index(out, build_index(runtime.shape, sources)))
     return out
