@@ -42,6 +42,12 @@ def model_info(
         False, "--distributed-optimizer", help="shard optimizer state over DP"
     ),
     recompute: bool = typer.Option(False, "--recompute", help="full activation recomputation"),
+    backend: str = typer.Option(
+        "te", "--backend", help="te (flash attention) | local (megatron's unfused attention)"
+    ),
+    outer_state: bool = typer.Option(
+        True, "--outer-state/--no-outer-state", help="count the outer step's GPU buffers"
+    ),
     gpu_gb: float | None = typer.Option(
         None, "--gpu-gb", help="GPU memory in GiB: exit 2 if the plan does not fit"
     ),
@@ -51,6 +57,8 @@ def model_info(
     from covenant.models import memory  # torch-heavy: only when the command runs
 
     try:
+        if backend not in ("te", "local"):
+            raise ValueError(f"unknown --backend {backend!r} (te | local)")
         shape = ModelConfig(preset=preset).resolve()
         result = memory.plan(
             shape,
@@ -61,6 +69,8 @@ def model_info(
             seq,
             precision=precision,
             distributed_optimizer=distributed_optimizer,
+            outer_state_on_gpu=outer_state,
+            flash_attention=backend == "te",
             recompute=recompute,
         )
     except ValidationError as exc:

@@ -21,8 +21,13 @@ for what was checked). On a machine with CUDA this module does nothing. On a CPU
    ``clip_grad_by_total_norm_fp32``). Those three callables are wrapped so that, *only while they
    run*, ``Tensor.type()`` without arguments reports a CPU tensor under its CUDA name.
 
-Random-number state needs no patch: :mod:`covenant.models.parallel` seeds megatron's RNG tracker
-in its CPU-capable mode (``inference_rng_tracker=True``). :func:`install` is idempotent and
+3. **Activation recomputation's RNG state.** ``tensor_parallel.random.checkpoint`` (used by
+   ``recompute = true``) saves and restores the *CUDA* generator around each recomputed layer
+   through the module functions ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``; on CPU they
+   read and restore the CPU generator instead (the only one dropout draws from there).
+
+Seeding needs no patch: :mod:`covenant.models.parallel` seeds megatron's RNG tracker in its
+CPU-capable mode (``inference_rng_tracker=True``). :func:`install` is idempotent and
 thread-unsafe only in the sense that (2) swaps a class attribute for the duration of a call,
 which megatron makes from the training thread alone.
 """
@@ -138,6 +143,16 @@ def _with_cuda_type_names(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _cpu_rng_state(*args: Any, clone: bool = False, **kwargs: Any) -> torch.Tensor:
+    """``_get_cuda_rng_state`` on CPU: the CPU generator's state (already a copy)."""
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    """``_set_cuda_rng_state`` on CPU."""
+    torch.set_rng_state(new_state)
+
+
 def cuda_present() -> bool:
     """Whether this process can use CUDA (then :func:`install` is a no-op)."""
     return torch.cuda.is_available()
@@ -169,6 +184,9 @@ def install() -> bool:
     distrib.DistributedOptimizer._build_model_and_main_param_groups = classmethod(  # type: ignore[method-assign]
         _with_cuda_type_names(build.__func__)
     )
+    rng = importlib.import_module("megatron.core.tensor_parallel.random")
+    rng._get_cuda_rng_state = _cpu_rng_state  # type: ignore[attr-defined]
+    rng._set_cuda_rng_state = _set_cpu_rng_state  # type: ignore[attr-defined]
     _installed = True
     logger.debug(
         "megatron-core CUDA calls redirected to CPU in %d modules", len(_TORCH_PROXY_MODULES)

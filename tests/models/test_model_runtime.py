@@ -57,6 +57,17 @@ def test_training_is_deterministic_and_learns(
     assert losses[0][-1] < losses[0][0]
 
 
+def test_recomputation_trains_on_cpu_like_storing_activations(
+    tiny_model_kwargs: dict[str, Any], tiny_batch: torch.Tensor
+) -> None:
+    # megatron's checkpoint saves the CUDA RNG state; cpu_compat redirects it to the CPU one.
+    losses = []
+    for recompute in (False, True):
+        rt = build_runtime(ModelConfig(**tiny_model_kwargs, recompute=recompute))
+        losses.append([rt.train_step(tiny_batch, 3e-3).loss for _ in range(3)])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
 def test_step_result(runtime: MegatronRuntime, tiny_batch: torch.Tensor) -> None:
     r = runtime.train_step(tiny_batch, 1e-3)
     assert r.tokens == 4 * 31 and not r.skipped and r.grad_norm > 0
