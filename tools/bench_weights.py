@@ -9,7 +9,7 @@ memory is theirs alone):
 * ``export_one_file``: the same with one output file for the whole model, what a
   gather-then-write export costs at least.
 
-Reports seconds, throughput and peak resident memory (``ru_maxrss``) of each, and the model's
+Reports seconds, throughput and peak resident memory (``VmHWM``) of each, and the model's
 size, as JSON. The claim under test: streaming export needs about one output file plus one
 tensor of memory, not the model.
 
