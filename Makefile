@@ -23,6 +23,7 @@ run: setup
 
 lint: setup
 	$(BIN)/ruff check engine plugins models src tools tests examples
+	$(BIN)/ruff format --check engine plugins models src tools tests examples
 
 typecheck: setup
 	$(BIN)/mypy engine plugins models src

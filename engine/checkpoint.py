@@ -58,8 +58,12 @@ def rng_state() -> dict[str, Any]:
     np_state: tuple[Any, ...] = tuple(np.random.get_state())
     return {
         "torch": torch.get_rng_state(),
-        "numpy": {"key": torch.from_numpy(np.asarray(np_state[1]).copy()), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np.asarray(np_state[1]).copy()),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
         "python": _python_rng_state(),
     }
 
@@ -67,7 +71,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np_s = state["numpy"]
-    np.random.set_state(("MT19937", np_s["key"].numpy(), np_s["pos"], np_s["has_gauss"], np_s["cached"]))
+    np.random.set_state(
+        ("MT19937", np_s["key"].numpy(), np_s["pos"], np_s["has_gauss"], np_s["cached"])
+    )
     py = state["python"]
     random.setstate((py["version"], tuple(py["key"].tolist()), py["gauss"]))
 
@@ -92,8 +98,15 @@ class CheckpointMeta:
 class Checkpointer:
     """Saves and restores this peer's local checkpoints under ``root``."""
 
-    def __init__(self, root: Path, *, rank: int, world_size: int,
-                 barrier: Callable[[], None] = lambda: None, keep: int = 2) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        rank: int,
+        world_size: int,
+        barrier: Callable[[], None] = lambda: None,
+        keep: int = 2,
+    ) -> None:
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
@@ -112,8 +125,12 @@ class Checkpointer:
             raise CheckpointError(f"{pointer} names {path}, which is incomplete or missing")
         return path
 
-    def save(self, meta: CheckpointMeta, state: Mapping[str, Any],
-             write_extra: Callable[[Path], None] | None = None) -> Path:
+    def save(
+        self,
+        meta: CheckpointMeta,
+        state: Mapping[str, Any],
+        write_extra: Callable[[Path], None] | None = None,
+    ) -> Path:
         """Write this rank's ``state``; rank 0 finalises. Collective: every rank must call it.
 
         ``write_extra(folder)`` runs on every rank inside the not-yet-published folder (the
@@ -151,8 +168,12 @@ class Checkpointer:
             meta = CheckpointMeta(**raw)
         except (OSError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata: {exc}") from None
-        for field_name, what in (("run_id", "run"), ("model_fingerprint", "model preset/layout"),
-                                 ("world_size", "world size"), ("format_version", "format")):
+        for field_name, what in (
+            ("run_id", "run"),
+            ("model_fingerprint", "model preset/layout"),
+            ("world_size", "world size"),
+            ("format_version", "format"),
+        ):
             got, want = getattr(meta, field_name), getattr(expect, field_name)
             if got != want:
                 raise CheckpointError(
@@ -163,9 +184,13 @@ class Checkpointer:
         try:
             state = torch.load(part, map_location="cpu", weights_only=True)
         except FileNotFoundError:
-            raise CheckpointError(f"{part}: missing (the checkpoint has no file for rank {self.rank})") from None
+            raise CheckpointError(
+                f"{part}: missing (the checkpoint has no file for rank {self.rank})"
+            ) from None
         except Exception as exc:  # a damaged file raises many things inside torch
-            raise CheckpointError(f"{part}: damaged checkpoint file: {type(exc).__name__}: {exc}") from None
+            raise CheckpointError(
+                f"{part}: damaged checkpoint file: {type(exc).__name__}: {exc}"
+            ) from None
         return meta, state
 
     def _prune(self, keep_name: str) -> None:

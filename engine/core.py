@@ -20,7 +20,11 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field("local", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="run id; namespaces storage keys")
+    id: str = Field(
+        "local",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="run id; namespaces storage keys",
+    )
     root: Path = Field(Path("runs"), description="folder holding one sub-folder per run id")
     protocol_version: int = Field(1, ge=1, description="storage/wire protocol version in every key")
     seed: int = Field(1234, ge=0, description="seed of everything that is seeded locally")

@@ -127,7 +127,9 @@ def _load_wallet_hotkey(spec: str) -> Keypair:
     names, _, path = body.partition("@")
     wallet_name, _, hotkey_name = names.partition("/")
     if not wallet_name or not hotkey_name:
-        raise HotkeyError(f"hotkey {spec!r}: expected wallet:NAME/HOTKEY or wallet:NAME/HOTKEY@PATH")
+        raise HotkeyError(
+            f"hotkey {spec!r}: expected wallet:NAME/HOTKEY or wallet:NAME/HOTKEY@PATH"
+        )
     from bittensor.wallet import Wallet
 
     kwargs: dict[str, str] = {"path": path} if path else {}
@@ -151,7 +153,11 @@ def _load_key_file(path: Path) -> Keypair:
         raise HotkeyError(f"{path}: {info.st_size} bytes is too large for a key file")
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         # Same stance as ssh: a secret others can read is not loaded silently.
-        log.warning("key file %s is readable by other users (mode %o); chmod 600 it", path, info.st_mode & 0o777)
+        log.warning(
+            "key file %s is readable by other users (mode %o); chmod 600 it",
+            path,
+            info.st_mode & 0o777,
+        )
     try:
         text = path.read_text(encoding="utf-8", errors="strict").strip()
     except UnicodeDecodeError:
@@ -166,14 +172,18 @@ def _load_key_file(path: Path) -> Keypair:
             return _keypair_cls().create_from_mnemonic(" ".join(words))
         except ValueError:
             raise HotkeyError(f"{path}: not a valid BIP-39 mnemonic") from None
-    raise HotkeyError(f"{path}: not a key file (expected JSON with secret_seed, a 0x seed or a mnemonic)")
+    raise HotkeyError(
+        f"{path}: not a key file (expected JSON with secret_seed, a 0x seed or a mnemonic)"
+    )
 
 
 def _from_json(path: Path, text: str) -> Keypair:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise HotkeyError(f"{path}: malformed key file JSON ({exc.msg} at line {exc.lineno})") from None
+        raise HotkeyError(
+            f"{path}: malformed key file JSON ({exc.msg} at line {exc.lineno})"
+        ) from None
     seed = data.get("secret_seed") if isinstance(data, dict) else None
     if not isinstance(seed, str) or not _SEED_RE.match(seed):
         raise HotkeyError(f"{path}: key file has no valid 'secret_seed' (0x + 64 hex digits)")

@@ -62,8 +62,14 @@ def _barrier() -> None:
 class DataFeed:
     """This rank's token batches for any global inner step, plus validation batches."""
 
-    def __init__(self, data_dir: Path, manifest: Manifest, cfg: DataConfig, train: TrainConfig,
-                 model: ModelRuntime) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        manifest: Manifest,
+        cfg: DataConfig,
+        train: TrainConfig,
+        model: ModelRuntime,
+    ) -> None:
         self.data_dir, self.manifest, self.cfg, self.train = data_dir, manifest, cfg, train
         self.par = model.parallel
         self._shard: tuple[int, ShardDataset] | None = None
@@ -73,8 +79,13 @@ class DataFeed:
 
     def shard(self, window: int) -> ShardDataset:
         if self._shard is None or self._shard[0] != window // self.cfg.windows_per_shard:
-            ds = open_active_shard(self.data_dir, window, self.cfg.windows_per_shard,
-                                   verify_hash=False, manifest=self.manifest)
+            ds = open_active_shard(
+                self.data_dir,
+                window,
+                self.cfg.windows_per_shard,
+                verify_hash=False,
+                manifest=self.manifest,
+            )
             self._shard = (window // self.cfg.windows_per_shard, ds)
         return self._shard[1]
 
@@ -84,8 +95,13 @@ class DataFeed:
         shard = self.shard(window)
         key = (self.train.uid, window)
         if self._pool is None or self._pool[0] != key:
-            pool = sample_pool(self.train.uid, window, shard.num_samples,
-                               self.train.inner_steps, self.train.batch_size)
+            pool = sample_pool(
+                self.train.uid,
+                window,
+                shard.num_samples,
+                self.train.inner_steps,
+                self.train.batch_size,
+            )
             self._pool = (key, pool)
         ids = step_ids(self._pool[1], inner, self.train.batch_size)
         return shard.batch(rank_share(ids, self.par.dp_rank, self.par.dp))
@@ -98,8 +114,10 @@ class DataFeed:
             raise CovenantError(
                 f"{self.val.path}: {self.val.num_samples} validation samples, fewer than one batch of {b}"
             )
-        return [self.val.batch(rank_share(np.arange(i * b, (i + 1) * b), self.par.dp_rank, self.par.dp))
-                for i in range(n)]
+        return [
+            self.val.batch(rank_share(np.arange(i * b, (i + 1) * b), self.par.dp_rank, self.par.dp))
+            for i in range(n)
+        ]
 
 
 def evaluate(model: ModelRuntime, batches: list[torch.Tensor]) -> dict[str, float]:
@@ -107,7 +125,9 @@ def evaluate(model: ModelRuntime, batches: list[torch.Tensor]) -> dict[str, floa
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
-def run_training(session: Session, *, resume: bool = False, steps: int | None = None) -> TrainResult:
+def run_training(
+    session: Session, *, resume: bool = False, steps: int | None = None
+) -> TrainResult:
     """Run the inner loop of one peer (``covenant train``). Collective over the peer's ranks."""
     cfg, hook = session.config, session.hook
     if steps is not None:  # the one place the loop's length is decided; consumers read train.steps
@@ -131,7 +151,9 @@ def run_training(session: Session, *, resume: bool = False, steps: int | None = 
     run_dir = session.run_dir
     if par.is_main:
         session.write_resolved()
-        hook.covenant_run_started(config=cfg, run_dir=str(run_dir), versions=session.host.versions())
+        hook.covenant_run_started(
+            config=cfg, run_dir=str(run_dir), versions=session.host.versions()
+        )
     result = TrainResult(steps=0, run_dir=run_dir)
     begun = time.perf_counter()
     reason = "completed"
@@ -141,10 +163,15 @@ def run_training(session: Session, *, resume: bool = False, steps: int | None = 
         feed = DataFeed(data_dir, manifest, data_cfg, train, model)
         val_batches = feed.val_batches(train.eval_batches) if train.eval_every else []
 
-        ckpt = Checkpointer(run_dir / "checkpoints", rank=par.rank, world_size=par.world_size, barrier=_barrier)
-        expect = CheckpointMeta(step=0, run_id=cfg.section("run").id,
-                                model_fingerprint=fingerprint(cfg.to_dict().get("model", {})),
-                                world_size=par.world_size)
+        ckpt = Checkpointer(
+            run_dir / "checkpoints", rank=par.rank, world_size=par.world_size, barrier=_barrier
+        )
+        expect = CheckpointMeta(
+            step=0,
+            run_id=cfg.section("run").id,
+            model_fingerprint=fingerprint(cfg.to_dict().get("model", {})),
+            world_size=par.world_size,
+        )
         start = 0
         if resume:
             latest = ckpt.latest()
@@ -159,7 +186,9 @@ def run_training(session: Session, *, resume: bool = False, steps: int | None = 
         hook.covenant_train_start(config=cfg, model=model, start_step=start)
         for step in range(start, total):
             window, inner = divmod(step, train.inner_steps)
-            ctx = WindowContext(window=window, outer_step=window, uid=train.uid, inner_steps=train.inner_steps)
+            ctx = WindowContext(
+                window=window, outer_step=window, uid=train.uid, inner_steps=train.inner_steps
+            )
             if inner == 0 or step == start:
                 hook.covenant_window_start(ctx=ctx)
             lr = learning_rate(step, train)
@@ -171,9 +200,18 @@ def run_training(session: Session, *, resume: bool = False, steps: int | None = 
             result.steps = step + 1
             hook.covenant_inner_step_end(step=step, result=out, lr=lr)
             if par.is_main and (step + 1) % train.log_every == 0:
-                hook.covenant_log_metrics(kind="train", step=step, metrics={
-                    "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm, "tokens": out.tokens,
-                    "tokens_per_s": out.tokens / dt if dt > 0 else 0.0, "step_time_s": dt})
+                hook.covenant_log_metrics(
+                    kind="train",
+                    step=step,
+                    metrics={
+                        "loss": out.loss,
+                        "lr": lr,
+                        "grad_norm": out.grad_norm,
+                        "tokens": out.tokens,
+                        "tokens_per_s": out.tokens / dt if dt > 0 else 0.0,
+                        "step_time_s": dt,
+                    },
+                )
             if train.eval_every and ((step + 1) % train.eval_every == 0 or step + 1 == total):
                 metrics = evaluate(model, val_batches)
                 result.val_losses[step + 1] = metrics["val_loss"]
@@ -187,7 +225,9 @@ def run_training(session: Session, *, resume: bool = False, steps: int | None = 
                 hook.covenant_window_end(ctx=ctx, metrics=window_metrics)
                 if par.is_main:
                     hook.covenant_log_metrics(kind="window", step=window, metrics=window_metrics)
-        if result.steps > start and (not train.checkpoint_every or result.steps % train.checkpoint_every):
+        if result.steps > start and (
+            not train.checkpoint_every or result.steps % train.checkpoint_every
+        ):
             _save(ckpt, expect, result.steps, model)
     except KeyboardInterrupt as exc:
         reason, error_ = "interrupted", exc
@@ -203,11 +243,17 @@ def run_training(session: Session, *, resume: bool = False, steps: int | None = 
 
 
 def _save(ckpt: Checkpointer, expect: CheckpointMeta, step: int, model: ModelRuntime) -> None:
-    meta = CheckpointMeta(step=step, run_id=expect.run_id, model_fingerprint=expect.model_fingerprint,
-                          world_size=expect.world_size)
-    ckpt.save(meta, {"model": model.state_dict(), "rng": rng_state(), "step": step},
-              write_extra=lambda folder: model.save_full_weights(str(folder / "weights")))
-
+    meta = CheckpointMeta(
+        step=step,
+        run_id=expect.run_id,
+        model_fingerprint=expect.model_fingerprint,
+        world_size=expect.world_size,
+    )
+    ckpt.save(
+        meta,
+        {"model": model.state_dict(), "rng": rng_state(), "step": step},
+        write_extra=lambda folder: model.save_full_weights(str(folder / "weights")),
+    )
 
 
 __all__ = ["DataFeed", "TrainResult", "evaluate", "run_training"]

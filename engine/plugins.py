@@ -70,7 +70,9 @@ def discover() -> dict[str, metadata.EntryPoint]:
     return dict(sorted(found.items()))
 
 
-def allow_list(configured: Iterable[str] | None, environ: Mapping[str, str] | None = None) -> list[str] | None:
+def allow_list(
+    configured: Iterable[str] | None, environ: Mapping[str, str] | None = None
+) -> list[str] | None:
     """The effective allow-list: ``COVENANT_PLUGINS`` wins over the config; ``None`` = all."""
     env = os.environ if environ is None else environ
     if ENV_ALLOW_LIST in env:
@@ -100,7 +102,9 @@ class PluginHost:
 
     # -- loading ------------------------------------------------------------------------------
 
-    def load(self, enable: Iterable[str] | None = None, *, environ: Mapping[str, str] | None = None) -> None:
+    def load(
+        self, enable: Iterable[str] | None = None, *, environ: Mapping[str, str] | None = None
+    ) -> None:
         """Register the core, then every allowed entry-point plugin; check hook names."""
         core = importlib.import_module(CORE_PLUGIN)
         self.register(core, name="core", distribution="covenant", version=_own_version())
@@ -126,7 +130,9 @@ class PluginHost:
             self.register(plugin, name=name, distribution=dist, version=version)
         self.check()
 
-    def register(self, plugin: object, *, name: str, distribution: str = "local", version: str = "0") -> None:
+    def register(
+        self, plugin: object, *, name: str, distribution: str = "local", version: str = "0"
+    ) -> None:
         """Register ``plugin`` (a module or object with ``@hookimpl`` functions) as ``name``."""
         try:
             self.pm.register(plugin, name=name)
@@ -135,7 +141,9 @@ class PluginHost:
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"plugin '{name}' is invalid: {exc}") from exc
         module = getattr(plugin, "__name__", type(plugin).__name__)
-        self.infos[name] = PluginInfo(name, distribution, version, module, True, self._hooks_of(plugin))
+        self.infos[name] = PluginInfo(
+            name, distribution, version, module, True, self._hooks_of(plugin)
+        )
 
     def unregister(self, name: str) -> None:
         plugin = self.pm.get_plugin(name)
@@ -150,7 +158,9 @@ class PluginHost:
                 continue
             caller = getattr(self.pm.hook, hook_name)
             if caller.spec is None and caller.get_hookimpls():
-                owners = ", ".join(self.pm.get_name(i.plugin) or "?" for i in caller.get_hookimpls())
+                owners = ", ".join(
+                    self.pm.get_name(i.plugin) or "?" for i in caller.get_hookimpls()
+                )
                 raise PluginError(
                     f"plugin '{owners}' implements unknown hook '{hook_name}' "
                     "(see covenant.engine.hookspecs for the hook names)"

@@ -26,15 +26,21 @@ class TrainConfig(BaseModel):
 
     steps: int = Field(200, ge=1, description="inner steps to run in `covenant train`")
     inner_steps: int = Field(30, ge=1, description="H: inner steps per window (SPEC: 30)")
-    batch_size: int = Field(8, ge=1, description="B: global batch in sequences per inner step (SPEC: 192)")
+    batch_size: int = Field(
+        8, ge=1, description="B: global batch in sequences per inner step (SPEC: 192)"
+    )
     lr: float = Field(1.17e-4, gt=0, description="peak learning rate")
     warmup_steps: int = Field(1500, ge=0)
     warmup_floor: float = Field(1e-6, ge=0, le=1, description="fraction of peak at step 0")
     cosine_steps: int = Field(140000, ge=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    eval_every: int = Field(50, ge=0, description="evaluate validation loss every N steps (0: never)")
+    eval_every: int = Field(
+        50, ge=0, description="evaluate validation loss every N steps (0: never)"
+    )
     eval_batches: int = Field(4, ge=1, description="validation batches per evaluation")
-    checkpoint_every: int = Field(100, ge=0, description="local checkpoint every N steps (0: only at the end)")
+    checkpoint_every: int = Field(
+        100, ge=0, description="local checkpoint every N steps (0: only at the end)"
+    )
     log_every: int = Field(1, ge=1)
     uid: int = Field(0, ge=0, description="this peer's uid: selects its data pool")
 

@@ -88,13 +88,19 @@ def open_session(
     return Session(host=host, config=cfg)
 
 
-def _early_allow_list(data: Mapping[str, Any], overrides: Iterable[str], source: str | None) -> list[str] | None:
+def _early_allow_list(
+    data: Mapping[str, Any], overrides: Iterable[str], source: str | None
+) -> list[str] | None:
     """``[plugins] enable`` must be known before plugins load (and before their sections exist)."""
-    enable = data.get("plugins", {}).get("enable") if isinstance(data.get("plugins"), dict) else None
+    enable = (
+        data.get("plugins", {}).get("enable") if isinstance(data.get("plugins"), dict) else None
+    )
     for item in overrides:
         key, _, raw = item.partition("=")
         if key.strip() == "plugins.enable":
             enable = parse_value(raw.strip())
-    if enable is not None and not (isinstance(enable, list) and all(isinstance(n, str) for n in enable)):
+    if enable is not None and not (
+        isinstance(enable, list) and all(isinstance(n, str) for n in enable)
+    ):
         raise ConfigError(f"{source or '--set'}: [plugins] enable: expected a list of plugin names")
     return enable

@@ -44,7 +44,9 @@ class HookRecorder:
     def before(self, hook_name: str, hook_impls: Any, kwargs: Mapping[str, Any]) -> None:
         self.calls.append(HookCall(hook_name, dict(kwargs)))
 
-    def after(self, outcome: Any, hook_name: str, hook_impls: Any, kwargs: Mapping[str, Any]) -> None:
+    def after(
+        self, outcome: Any, hook_name: str, hook_impls: Any, kwargs: Mapping[str, Any]
+    ) -> None:
         return None
 
     def names(self) -> list[str]:

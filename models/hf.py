@@ -129,9 +129,9 @@ def hf_config(shape: ModelShape, dtype: torch.dtype = torch.float32) -> dict[str
     }
 
 
-
-
-def _hf_pieces(p: GlobalParam, tensor: torch.Tensor, shape: ModelShape) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_pieces(
+    p: GlobalParam, tensor: torch.Tensor, shape: ModelShape
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The HF tensors made from global tensor ``p`` (three for the fused QKV)."""
     if p.name in _TOP:
         yield _TOP[p.name], tensor
@@ -197,7 +197,11 @@ def export_hf(
     weight_map: dict[str, str] = {}
     total = 0
     for i, group in enumerate(groups):
-        name = WEIGHTS_FILE if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        name = (
+            WEIGHTS_FILE
+            if len(groups) == 1
+            else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        )
         tensors: dict[str, torch.Tensor] = {}
         for p in group:
             for hf_name, t in _hf_pieces(p, read(p.name), shape):
@@ -214,5 +218,7 @@ def export_hf(
         atomic_write_bytes(out / INDEX_FILE, json.dumps(index, indent=2).encode("utf-8"))
     config = json.dumps(hf_config(shape, dtype), indent=2)
     atomic_write_bytes(out / HF_CONFIG_FILE, config.encode("utf-8"))
-    logger.info("exported %s (%d tensors, %d files) to %s", shape.name, len(weight_map), len(groups), out)
+    logger.info(
+        "exported %s (%d tensors, %d files) to %s", shape.name, len(weight_map), len(groups), out
+    )
     return out

@@ -346,7 +346,10 @@ class MegatronRuntime:
             if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
                 std = std / math.sqrt(2.0 * shape.layers)
             lo, hi = shard.offsets[0], shard.offsets[0] + shard.local_shape[0]
-            cols = tuple(slice(o, o + n) for o, n in zip(shard.offsets[1:], shard.local_shape[1:], strict=True))
+            cols = tuple(
+                slice(o, o + n)
+                for o, n in zip(shard.offsets[1:], shard.local_shape[1:], strict=True)
+            )
             for block in range(lo // _INIT_ROWS, (hi + _INIT_ROWS - 1) // _INIT_ROWS):
                 r0 = block * _INIT_ROWS
                 r1 = min(r0 + _INIT_ROWS, shard.global_shape[0])

@@ -104,9 +104,7 @@ def build_index(shape: ModelShape, sources: Sequence[tuple[int, ParamShard]]) ->
     file_index = {rank: i for i, rank in enumerate(files)}
     pieces: dict[str, list[list[Any]]] = {p.name: [] for p in global_params(shape)}
     for rank, shard in sources:
-        pieces[shard.name].append(
-            [file_index[rank], list(shard.offsets), list(shard.local_shape)]
-        )
+        pieces[shard.name].append([file_index[rank], list(shard.offsets), list(shard.local_shape)])
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -220,8 +218,10 @@ class FullWeights:
         full = self._shapes[name]
         lo = tuple(offsets) if offsets is not None else (0,) * len(full)
         ext = tuple(shape) if shape is not None else full
-        if len(lo) != len(full) or len(ext) != len(full) or any(
-            o < 0 or n < 0 or o + n > f for o, n, f in zip(lo, ext, full, strict=True)
+        if (
+            len(lo) != len(full)
+            or len(ext) != len(full)
+            or any(o < 0 or n < 0 or o + n > f for o, n, f in zip(lo, ext, full, strict=True))
         ):
             raise WeightsError(f"{name}: box {lo}+{ext} is outside {full}")
         out = torch.empty(ext, dtype=dtype)
@@ -358,7 +358,9 @@ def _shape(data: Any, where: Path) -> ModelShape:
         value = data.get(f.name)
         kind = _FIELD_TYPES[str(f.type)]
         if f.name in data and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise WeightsError(f"{where}: bad model shape: {f.name} must be {f.type}, got {value!r}")
+            raise WeightsError(
+                f"{where}: bad model shape: {f.name} must be {f.type}, got {value!r}"
+            )
     try:
         return validate_shape(ModelShape.from_dict(data), dim_multiple=1)
     except (TypeError, ModelConfigError) as exc:
@@ -383,9 +385,11 @@ def _parse_index(raw: dict[str, Any], where: Path) -> tuple[ModelShape, dict[str
         )
     shape = _shape(raw.get("shape"), where)
     files = raw.get("files")
-    if not isinstance(files, list) or not all(
-        isinstance(f, str) and _FILE_NAME.match(f) for f in files
-    ) or len(set(files)) != len(files):
+    if (
+        not isinstance(files, list)
+        or not all(isinstance(f, str) and _FILE_NAME.match(f) for f in files)
+        or len(set(files)) != len(files)
+    ):
         raise WeightsError(f"{where}: 'files' must be distinct plain *.safetensors file names")
     table = raw.get("pieces")
     if not isinstance(table, dict):
@@ -413,7 +417,8 @@ def _parse_index(raw: dict[str, Any], where: Path) -> tuple[ModelShape, dict[str
                 _int_list(entry[2], len(full), f"{what}: shape"),
             )
             if any(
-                o + n > d or n == 0 for o, n, d in zip(piece.offsets, piece.shape, full, strict=True)
+                o + n > d or n == 0
+                for o, n, d in zip(piece.offsets, piece.shape, full, strict=True)
             ):
                 raise WeightsError(f"{what} lies outside {full}")
             out.append(piece)

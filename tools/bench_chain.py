@@ -46,7 +46,9 @@ def _timed(fn: Callable[[], Any], repeat: int) -> list[float]:
 
 
 def single(folder: Path, peers: int, writes: int) -> dict[str, Any]:
-    chain = LocalChain(folder / "single.sqlite", clock="manual", weights_rate_limit_blocks=0, max_uids=peers + 1)
+    chain = LocalChain(
+        folder / "single.sqlite", clock="manual", weights_rate_limit_blocks=0, max_uids=peers + 1
+    )
     keys = [load_hotkey(f"//Bench{i}") for i in range(peers)]
     register = []
     for key in keys:
@@ -54,7 +56,12 @@ def single(folder: Path, peers: int, writes: int) -> dict[str, Any]:
         chain.register(key)
         register.append(time.perf_counter() - start)
     chain.set_stake(keys[0].ss58_address, 1000.0, True)
-    commit = _timed(lambda: chain.commit(keys[1], "v1|https://s3.example.com|bucket/run|" + "k" * 20 + "|" + "s" * 40), writes)
+    commit = _timed(
+        lambda: chain.commit(
+            keys[1], "v1|https://s3.example.com|bucket/run|" + "k" * 20 + "|" + "s" * 40
+        ),
+        writes,
+    )
     weights = {i: float(i + 1) for i in range(peers)}
     set_weights = _timed(lambda: chain.set_weights(keys[0], weights), writes)
     for key in keys:

@@ -21,8 +21,14 @@ from pathlib import Path
 from covenant.plugins.logging.console import ConsoleView
 from covenant.plugins.logging.jsonl import JsonlWriter
 
-METRICS = {"loss": 3.21, "lr": 1.17e-4, "grad_norm": 0.87, "tokens": 786432,
-           "tokens_per_s": 123456.0, "step_time_s": 6.37}
+METRICS = {
+    "loss": 3.21,
+    "lr": 1.17e-4,
+    "grad_norm": 0.87,
+    "tokens": 786432,
+    "tokens_per_s": 123456.0,
+    "step_time_s": 6.37,
+}
 
 
 def per_call_us(fn: Callable[[int], None], n: int) -> float:
@@ -60,7 +66,8 @@ def main() -> None:
         writer.close()
     writer = JsonlWriter(tmp / "sync.jsonl")
     out["jsonl_fsynced_line_us"] = round(
-        per_call_us(lambda i: writer.write("window", i, METRICS), min(n, 500)), 2)
+        per_call_us(lambda i: writer.write("window", i, METRICS), min(n, 500)), 2
+    )
     writer.close()
 
     for terminal in (False, True):
@@ -68,7 +75,8 @@ def main() -> None:
         view = ConsoleView(ConsoleConfig(plain_interval_s=30.0), total_steps=n, console=console)
         view.start(0)
         out[f"console_{'live' if terminal else 'plain'}_us"] = round(
-            per_call_us(console_step(view), n), 2)
+            per_call_us(console_step(view), n), 2
+        )
         view.close("completed", None)
 
     t0 = time.perf_counter()

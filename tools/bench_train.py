@@ -104,8 +104,11 @@ def _covenant_round(
             return out
 
     total = args.warmup + args.steps
-    session = open_session(args.config, _overrides(data, root, run_id, total, args.set),
-                           extra_plugins=[("bench_clock", clock)])
+    session = open_session(
+        args.config,
+        _overrides(data, root, run_id, total, args.set),
+        extra_plugins=[("bench_clock", clock)],
+    )
     shape = session.config.section("model").resolve()
     batch = session.config.section("train").batch_size
     gen = torch.Generator().manual_seed(0)
@@ -124,7 +127,7 @@ def _covenant_round(
     return {
         "step_s": timed / n,
         "tokens_per_step": tokens_per_step,
-        "data_s": statistics.median(data_times[args.warmup:]),
+        "data_s": statistics.median(data_times[args.warmup :]),
         "interleaved_plain_step_s": sum(clock.plain_s[first:]) / n,
     }
 
@@ -142,7 +145,9 @@ def _baseline_round(
     try:
         gen = torch.Generator().manual_seed(0)
         shape = (train_cfg.batch_size, rt.shape.seq_len)
-        batches = [torch.randint(0, rt.shape.vocab, shape, generator=gen) for _ in range(args.steps)]
+        batches = [
+            torch.randint(0, rt.shape.vocab, shape, generator=gen) for _ in range(args.steps)
+        ]
         total = args.warmup + args.steps
         t0 = 0.0
         for step in range(total):
@@ -170,8 +175,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ap.add_argument("--data-dir", type=Path, default=None,
-                    help="prepared data to reuse (default: prepare into a temporary folder and time it)")
+    ap.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="prepared data to reuse (default: prepare into a temporary folder and time it)",
+    )
     args = ap.parse_args()
 
     import logging
@@ -199,7 +208,9 @@ def main() -> None:
         rounds: list[dict[str, float]] = []
         for r in range(args.rounds):
             row = _covenant_round(args, data, tmp / "runs", f"bench-{r}")
-            row |= _baseline_round(args, cfg.section("model"), cfg.section("optim"), cfg.section("train"))
+            row |= _baseline_round(
+                args, cfg.section("model"), cfg.section("optim"), cfg.section("train")
+            )
             rounds.append(row)
 
     def med(key: str) -> float:
@@ -214,42 +225,47 @@ def main() -> None:
     train = cfg.section("train")
     import megatron.core
 
-    print(json.dumps({
-        "bench": "train_loop_cpu",
-        "config": args.config,
-        "overrides": args.set,
-        "preset": model.preset,
-        "batch": train.batch_size,
-        "micro_batch": model.micro_batch,
-        "seq": manifest.seq_len,
-        "threads": args.threads,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "rounds": args.rounds,
-        "tokens_per_step": tokens,
-        "covenant_tokens_per_s": round(cov_tps, 1),
-        "runtime_tokens_per_s": round(rt_tps, 1),
-        "plain_megatron_tokens_per_s": round(plain_tps, 1),
-        "interleaved_plain_tokens_per_s": round(inter_tps, 1),
-        "overhead_ratio": round(inter_tps / cov_tps, 4),
-        "overhead_ratio_per_round": [
-            round(row["step_s"] / row["interleaved_plain_step_s"], 4) for row in rounds
-        ],
-        "overhead_ratio_vs_separate_plain": round(plain_tps / cov_tps, 4),
-        "overhead_ratio_vs_runtime": round(rt_tps / cov_tps, 4),
-        "covenant_step_s": round(med("step_s"), 4),
-        "plain_step_s": round(med("plain_step_s"), 4),
-        "data_batch_s": round(med("data_s"), 6),
-        "data_share_of_step": round(med("data_s") / med("step_s"), 5),
-        "prepare_s": round(prepare_s, 2),
-        "prepare_tokens": data_tokens,
-        "prepare_s_per_million_tokens": round(prepare_s / data_tokens * 1e6, 2),
-        "prepare_cached": args.data_dir is not None,
-        "torch": torch.__version__,
-        "megatron_core": megatron.core.__version__,
-        "cpus": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "bench": "train_loop_cpu",
+                "config": args.config,
+                "overrides": args.set,
+                "preset": model.preset,
+                "batch": train.batch_size,
+                "micro_batch": model.micro_batch,
+                "seq": manifest.seq_len,
+                "threads": args.threads,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "rounds": args.rounds,
+                "tokens_per_step": tokens,
+                "covenant_tokens_per_s": round(cov_tps, 1),
+                "runtime_tokens_per_s": round(rt_tps, 1),
+                "plain_megatron_tokens_per_s": round(plain_tps, 1),
+                "interleaved_plain_tokens_per_s": round(inter_tps, 1),
+                "overhead_ratio": round(inter_tps / cov_tps, 4),
+                "overhead_ratio_per_round": [
+                    round(row["step_s"] / row["interleaved_plain_step_s"], 4) for row in rounds
+                ],
+                "overhead_ratio_vs_separate_plain": round(plain_tps / cov_tps, 4),
+                "overhead_ratio_vs_runtime": round(rt_tps / cov_tps, 4),
+                "covenant_step_s": round(med("step_s"), 4),
+                "plain_step_s": round(med("plain_step_s"), 4),
+                "data_batch_s": round(med("data_s"), 6),
+                "data_share_of_step": round(med("data_s") / med("step_s"), 5),
+                "prepare_s": round(prepare_s, 2),
+                "prepare_tokens": data_tokens,
+                "prepare_s_per_million_tokens": round(prepare_s / data_tokens * 1e6, 2),
+                "prepare_cached": args.data_dir is not None,
+                "torch": torch.__version__,
+                "megatron_core": megatron.core.__version__,
+                "cpus": os.cpu_count(),
+                "cpu": platform.processor() or platform.machine(),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -144,7 +144,10 @@ def main() -> None:
                 "model": model,
                 "imports_rss_bytes": base,
                 "runs": runs,
-                "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+                "machine": {
+                    "cpu": platform.processor() or platform.machine(),
+                    "python": platform.python_version(),
+                },
             },
             indent=2,
         )

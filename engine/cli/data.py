@@ -130,8 +130,18 @@ def prepare_cmd(
     out_dir = out if out is not None else default_data_dir()
     console = Console(stderr=as_json)
     run = functools.partial(
-        _run_prepare, out_dir, vocab, seq_len, source, val_fraction, shard_tokens,
-        doc_max_chars, max_docs, tokenizer, tokenizer_hash, force,
+        _run_prepare,
+        out_dir,
+        vocab,
+        seq_len,
+        source,
+        val_fraction,
+        shard_tokens,
+        doc_max_chars,
+        max_docs,
+        tokenizer,
+        tokenizer_hash,
+        force,
     )
     try:
         if as_json:

@@ -28,10 +28,30 @@ err = Console(stderr=True)
 # Command names the engine keeps for itself or for its built-in plugins; a third-party plugin
 # that registers one of these is refused, so future releases can fill them without clashes.
 RESERVED = frozenset(
-    {"plugins", "config", "train", "data", "swarm", "validate", "model-info", "bench", "replay",
-     "chain", "report", "doctor", "export", "version", "storage"}
+    {
+        "plugins",
+        "config",
+        "train",
+        "data",
+        "swarm",
+        "validate",
+        "model-info",
+        "bench",
+        "replay",
+        "chain",
+        "report",
+        "doctor",
+        "export",
+        "version",
+        "storage",
+    }
 )
-BUILTIN_PROVIDERS = {"chain": "chain", "model-info": "model", "export": "model", "storage": "storage"}
+BUILTIN_PROVIDERS = {
+    "chain": "chain",
+    "model-info": "model",
+    "export": "model",
+    "storage": "storage",
+}
 
 app = typer.Typer(
     name="covenant",
@@ -45,7 +65,6 @@ config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_
 app.add_typer(config_app, name="config")
 
 
-
 def _session(config: str | None, overrides: list[str] | None) -> Any:
     from covenant.engine.session import open_session
 
@@ -57,7 +76,9 @@ def plugins_cmd(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
-    show_all: Annotated[bool, typer.Option("--all", help="also list installed but disabled plugins")] = False,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="also list installed but disabled plugins")
+    ] = False,
 ) -> None:
     """List loaded plugins: name, distribution, version and the hooks each implements."""
     session = _session(config, overrides)
@@ -75,11 +96,16 @@ def plugins_cmd(
 
 
 @config_app.command("show")
-def config_show(config: ConfigOpt = None, overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
+def config_show(
+    config: ConfigOpt = None, overrides: SetOpt = None, as_json: JsonOpt = False
+) -> None:
     """Print the fully resolved config (defaults < file < environment < --set)."""
     session = _session(config, overrides)
-    resolved = {"source": session.config.source, "versions": session.host.versions(),
-                "config": session.config.to_dict()}
+    resolved = {
+        "source": session.config.source,
+        "versions": session.host.versions(),
+        "config": session.config.to_dict(),
+    }
     if as_json:
         out.print_json(json.dumps(resolved, default=str))
         return
@@ -95,7 +121,9 @@ def bench_cmd(
     name: Annotated[str, typer.Argument(help="benchmark name (see --list)")] = "",
     as_json: JsonOpt = False,
     list_: Annotated[bool, typer.Option("--list", help="list available benchmarks")] = False,
-    options: Annotated[list[str] | None, typer.Option("--opt", help="key=value passed to the benchmark")] = None,
+    options: Annotated[
+        list[str] | None, typer.Option("--opt", help="key=value passed to the benchmark")
+    ] = None,
 ) -> None:
     """Run a registered benchmark (plugins add them through covenant_register_benchmarks)."""
     from covenant.engine.config import parse_value
@@ -107,7 +135,9 @@ def bench_cmd(
             out.print(bench)
         return
     if name not in benches:
-        raise CovenantError(f"unknown benchmark '{name}' (available: {', '.join(sorted(benches)) or 'none'})")
+        raise CovenantError(
+            f"unknown benchmark '{name}' (available: {', '.join(sorted(benches)) or 'none'})"
+        )
     kwargs = {}
     for item in options or []:
         key, sep, raw = item.partition("=")
@@ -179,7 +209,9 @@ def _mount_plugin_commands(argv: list[str]) -> None:
 
         def register(name: str, thing: Any, _p: str = plugin_name) -> None:
             if name in taken or name in commands:
-                raise PluginError(f"plugin '{_p}' registers command '{name}', which is already taken")
+                raise PluginError(
+                    f"plugin '{_p}' registers command '{name}', which is already taken"
+                )
             if name in RESERVED and BUILTIN_PROVIDERS.get(name) != _p:
                 raise PluginError(f"plugin '{_p}' registers reserved command name '{name}'")
             commands[name] = thing
@@ -209,11 +241,21 @@ def _configure_logging() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron(\.|$)")
 
     logging.basicConfig(
-        level=logging.INFO, format="%(message)s", datefmt="[%X]",
+        level=logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
         handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
     )
-    for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "asyncio", "filelock", "werkzeug",
-                  "megatron"):
+    for noisy in (
+        "urllib3",
+        "botocore",
+        "s3fs",
+        "fsspec",
+        "asyncio",
+        "filelock",
+        "werkzeug",
+        "megatron",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -243,4 +285,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-

@@ -22,7 +22,9 @@ ConfigOpt = Annotated[
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="override: section.key=value (repeatable; beats env and file)"),
+    typer.Option(
+        "--set", "-s", help="override: section.key=value (repeatable; beats env and file)"
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")]
 

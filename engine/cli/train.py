@@ -16,8 +16,12 @@ err = Console(stderr=True)
 def train(
     config: ConfigOpt = "tiny",
     overrides: SetOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue from the run's latest checkpoint")] = False,
-    steps: Annotated[int | None, typer.Option("--steps", help="stop after this global inner step")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the run's latest checkpoint")
+    ] = False,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="stop after this global inner step")
+    ] = None,
 ) -> None:
     """Train one peer on its assigned data: evaluate, checkpoint, resume bit-identically.
 
@@ -32,9 +36,15 @@ def train(
         return
     tps = result.tokens / result.seconds if result.seconds else 0.0
     vals = sorted(result.val_losses.items())
-    trend = f"; val loss {vals[0][1]:.3f} (step {vals[0][0]}) -> {vals[-1][1]:.3f} (step {vals[-1][0]})" if vals else ""
-    err.print(f"{result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f} s "
-              f"({tps:,.0f} tokens/s){trend}; run dir {result.run_dir}")
+    trend = (
+        f"; val loss {vals[0][1]:.3f} (step {vals[0][0]}) -> {vals[-1][1]:.3f} (step {vals[-1][0]})"
+        if vals
+        else ""
+    )
+    err.print(
+        f"{result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f} s "
+        f"({tps:,.0f} tokens/s){trend}; run dir {result.run_dir}"
+    )
 
 
 def register(app: typer.Typer) -> None:

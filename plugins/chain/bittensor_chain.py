@@ -147,8 +147,20 @@ class BittensorChain:
                         f"bittensor {self.network} (netuid {self.netuid}): {what} failed after "
                         f"{self.retries} tries: {type(exc).__name__}: {exc}"
                     ) from exc
-                delay = min(self.retry_backoff_max_s, self.retry_backoff_s * 2**attempt) + random.random()
-                log.warning("bittensor %s: %s failed (%s); retry %d in %.1fs", self.network, what, exc, attempt + 1, delay)
+                # base * (2^a + U(0, 1)) like the storage retries: the jitter scales with the
+                # base, so waits grow strictly from one try to the next (until the cap).
+                delay = min(
+                    self.retry_backoff_max_s,
+                    self.retry_backoff_s * (2**attempt + random.random()),
+                )
+                log.warning(
+                    "bittensor %s: %s failed (%s); retry %d in %.1fs",
+                    self.network,
+                    what,
+                    exc,
+                    attempt + 1,
+                    delay,
+                )
                 self._sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -160,7 +172,9 @@ class BittensorChain:
             except ChainUnavailableError:
                 raise
             except Exception as exc:  # an SDK without the read: fall back, do not fail
-                log.warning("cannot read the block time (%s); using %.1fs", exc, self.fallback_block_time_s)
+                log.warning(
+                    "cannot read the block time (%s); using %.1fs", exc, self.fallback_block_time_s
+                )
                 self._block_time = self.fallback_block_time_s
         return self._block_time
 
@@ -172,7 +186,9 @@ class BittensorChain:
     def block_timestamp(self, block: int) -> float:
         current = self.block()
         if block <= current:
-            stamp = self._call(f"read the timestamp of block {block}", lambda: self.client.timestamp(block=block))
+            stamp = self._call(
+                f"read the timestamp of block {block}", lambda: self.client.timestamp(block=block)
+            )
             return float(stamp.timestamp())
         # Future blocks: predicted from the head's timestamp and the chain's block time.
         head = self._call("read the head timestamp", lambda: self.client.timestamp(block=current))
@@ -181,7 +197,9 @@ class BittensorChain:
     def block_hash(self, block: int) -> str:
         info = self._call(f"read block {block}", lambda: self.client.block_info(block))
         if info is None or not info.hash:
-            raise ChainError(f"bittensor {self.network}: block {block} is unknown (not produced yet, or pruned)")
+            raise ChainError(
+                f"bittensor {self.network}: block {block} is unknown (not produced yet, or pruned)"
+            )
         return str(info.hash)
 
     def wait_for_block(self, block: int, timeout_s: float | None = None) -> int:
@@ -204,7 +222,8 @@ class BittensorChain:
 
     def _metagraph(self) -> Any:
         graph = self._call(
-            "read the metagraph", lambda: self.client.subnets.metagraph(self.netuid, commitments=False)
+            "read the metagraph",
+            lambda: self.client.subnets.metagraph(self.netuid, commitments=False),
         )
         if graph is None:
             raise ChainError(f"bittensor {self.network}: subnet {self.netuid} does not exist")
@@ -234,7 +253,9 @@ class BittensorChain:
                 continue  # deregistered hotkeys keep their entry on chain; not a peer any more
             value = entry.value
             if not entry.is_revealed or value is None:
-                log.warning("skipping the commitment of %s: not readable (%s)", hotkey, entry.status)
+                log.warning(
+                    "skipping the commitment of %s: not readable (%s)", hotkey, entry.status
+                )
                 continue
             try:
                 validate_commitment(value, self.commitment_max_bytes)
@@ -262,7 +283,9 @@ class BittensorChain:
                 raise NotRegisteredError(
                     f"hotkey {keypair.ss58_address} is not registered on netuid {self.netuid}: {result.message}"
                 )
-            raise ChainError(f"commitment by {keypair.ss58_address} refused by the chain: {result.message}")
+            raise ChainError(
+                f"commitment by {keypair.ss58_address} refused by the chain: {result.message}"
+            )
         log.info("committed %d bytes for %s", len(data.encode()), keypair.ss58_address)
 
     def set_weights(self, hotkey: Any, weights: Mapping[int, float]) -> WeightsResult:

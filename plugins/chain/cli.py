@@ -23,7 +23,6 @@ err = Console(stderr=True)
 app = typer.Typer(help="Chain: blocks, windows, metagraph, registrations.", no_args_is_help=True)
 
 
-
 def _session(config: str | None, overrides: list[str] | None) -> Any:
     """The session (this command group exists only where the chain plugin is enabled)."""
     from covenant.engine.session import open_session
@@ -84,7 +83,9 @@ def status_data(chain: Any) -> dict[str, Any]:
 
 
 @app.command("status")
-def status_cmd(config: ConfigOpt = None, overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
+def status_cmd(
+    config: ConfigOpt = None, overrides: SetOpt = None, as_json: JsonOpt = False
+) -> None:
     """Block, window, time to the next window, and the metagraph with stakes and last weights."""
     try:
         data = status_data(_chain(_session(config, overrides)))
@@ -115,9 +116,16 @@ def status_cmd(config: ConfigOpt = None, overrides: SetOpt = None, as_json: Json
 
 @app.command("register")
 def register_cmd(
-    hotkey: Annotated[str, typer.Option("--hotkey", help="hotkey spec: //Alice, wallet:NAME/HOTKEY, or a key file")],
-    stake: Annotated[float | None, typer.Option("--stake", help="stake to give it (local admin)")] = None,
-    validator: Annotated[bool, typer.Option("--validator", help="grant a validator permit")] = False,
+    hotkey: Annotated[
+        str,
+        typer.Option("--hotkey", help="hotkey spec: //Alice, wallet:NAME/HOTKEY, or a key file"),
+    ],
+    stake: Annotated[
+        float | None, typer.Option("--stake", help="stake to give it (local admin)")
+    ] = None,
+    validator: Annotated[
+        bool, typer.Option("--validator", help="grant a validator permit")
+    ] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
@@ -130,7 +138,9 @@ def register_cmd(
         keypair = load_hotkey(hotkey)
         uid = chain.register(keypair)
         if stake is not None or validator:
-            chain.set_stake(keypair.ss58_address, stake if stake is not None else 0.0, validator or None)
+            chain.set_stake(
+                keypair.ss58_address, stake if stake is not None else 0.0, validator or None
+            )
     except CovenantError as exc:
         raise fail(exc) from None
     if as_json:
@@ -142,7 +152,9 @@ def register_cmd(
 @app.command("keygen")
 def keygen_cmd(
     name: Annotated[str, typer.Argument(help="key name (file NAME.json)")],
-    directory: Annotated[Path | None, typer.Option("--dir", help="folder (default <run dir>/keys)")] = None,
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="folder (default <run dir>/keys)")
+    ] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -150,7 +162,9 @@ def keygen_cmd(
     from covenant.engine.keys import generate_hotkey
 
     try:
-        folder = directory if directory is not None else _session(config, overrides).run_dir / "keys"
+        folder = (
+            directory if directory is not None else _session(config, overrides).run_dir / "keys"
+        )
         keypair = generate_hotkey(folder, name)
     except CovenantError as exc:
         raise fail(exc) from None

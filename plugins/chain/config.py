@@ -28,7 +28,9 @@ class ChainConfig(BaseModel):
 
     name: Literal["local", "bittensor"] = Field("local", description="which chain implementation")
     blocks_per_window: int = Field(
-        10, gt=0, description="window = block // blocks_per_window (bittensor default 115, local 10)"
+        10,
+        gt=0,
+        description="window = block // blocks_per_window (bittensor default 115, local 10)",
     )
     block_time_s: float = Field(
         0.5,
@@ -37,30 +39,48 @@ class ChainConfig(BaseModel):
         "used to predict future block times when the chain does not report it (default 12.0)",
     )
     hotkey: str | None = Field(
-        None, description="hotkey spec for covenant.engine.keys.load_hotkey (//Alice, wallet:..., a key file)"
+        None,
+        description="hotkey spec for covenant.engine.keys.load_hotkey (//Alice, wallet:..., a key file)",
     )
     commitment_max_bytes: int = Field(
-        128, gt=0, le=4096, description="largest commitment (UTF-8 bytes); production used 128 characters"
+        128,
+        gt=0,
+        le=4096,
+        description="largest commitment (UTF-8 bytes); production used 128 characters",
     )
     retries: int = Field(3, ge=1, le=20, description="tries per chain request before giving up")
-    retry_backoff_s: float = Field(1.0, ge=0, description="base of the exponential backoff between tries")
+    retry_backoff_s: float = Field(
+        1.0, ge=0, description="base of the exponential backoff between tries"
+    )
     retry_backoff_max_s: float = Field(30.0, ge=0, description="cap on one backoff sleep")
     # -- local chain ----------------------------------------------------------------------------
     clock: Literal["wall", "manual"] = Field(
         "wall", description="local: blocks advance with wall time, or only by hand (tests)"
     )
     db: Path | None = Field(None, description="local: SQLite file (default <run dir>/chain.sqlite)")
-    max_uids: int = Field(256, ge=1, le=65535, description="local: uids before registration replaces one")
+    max_uids: int = Field(
+        256, ge=1, le=65535, description="local: uids before registration replaces one"
+    )
     weights_rate_limit_blocks: int = Field(
-        1, ge=0, description="local: blocks a hotkey must wait between weight sets (bittensor: set by the subnet)"
+        1,
+        ge=0,
+        description="local: blocks a hotkey must wait between weight sets (bittensor: set by the subnet)",
     )
     extrinsic_mortality_blocks: int = Field(
-        64, ge=1, description="local: a signed write older than this many blocks is refused (replay guard)"
+        64,
+        ge=1,
+        description="local: a signed write older than this many blocks is refused (replay guard)",
     )
-    busy_timeout_s: float = Field(30.0, gt=0, description="local: how long a writer waits for the database lock")
-    poll_interval_s: float = Field(0.05, gt=0, description="local manual clock: wait_for_block poll period")
+    busy_timeout_s: float = Field(
+        30.0, gt=0, description="local: how long a writer waits for the database lock"
+    )
+    poll_interval_s: float = Field(
+        0.05, gt=0, description="local manual clock: wait_for_block poll period"
+    )
     # -- bittensor ------------------------------------------------------------------------------
-    network: str = Field("finney", description="bittensor: finney, test, local, or a ws(s):// endpoint")
+    network: str = Field(
+        "finney", description="bittensor: finney, test, local, or a ws(s):// endpoint"
+    )
     netuid: int = Field(3, ge=0, le=65535, description="bittensor: subnet id")
     token_symbols_cache: Path | None = Field(
         None,

@@ -125,10 +125,22 @@ class WeightsRecord:
     weights: dict[int, float]
 
 
-def signing_message(chain_id: str, op: str, hotkey: str, nonce: int, block: int, payload: Mapping[str, Any]) -> bytes:
+def signing_message(
+    chain_id: str, op: str, hotkey: str, nonce: int, block: int, payload: Mapping[str, Any]
+) -> bytes:
     """The exact bytes a local-chain extrinsic signs (canonical JSON, bound to the chain)."""
-    body = {"chain": chain_id, "op": op, "hotkey": hotkey, "nonce": nonce, "block": block, "payload": payload}
-    return SIGNING_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    body = {
+        "chain": chain_id,
+        "op": op,
+        "hotkey": hotkey,
+        "nonce": nonce,
+        "block": block,
+        "payload": payload,
+    }
+    return (
+        SIGNING_DOMAIN
+        + json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    )
 
 
 class LocalChain:
@@ -236,8 +248,17 @@ class LocalChain:
                     raise ChainUnavailableError(
                         f"local chain {self.path}: {what} failed after {self.retries} tries: {exc}"
                     ) from exc
-                delay = min(self.retry_backoff_max_s, self.retry_backoff_s * 2**attempt) + random.random() * 0.1
-                log.warning("local chain %s busy (%s); retry %d in %.1fs", self.path, exc, attempt + 1, delay)
+                delay = (
+                    min(self.retry_backoff_max_s, self.retry_backoff_s * 2**attempt)
+                    + random.random() * 0.1
+                )
+                log.warning(
+                    "local chain %s busy (%s); retry %d in %.1fs",
+                    self.path,
+                    exc,
+                    attempt + 1,
+                    delay,
+                )
                 self._sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -285,7 +306,9 @@ class LocalChain:
                     "clock": self.clock,
                     "manual_block": "0",
                 }
-                conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", sorted(meta.items()))
+                conn.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)", sorted(meta.items())
+                )
                 log.info("created local chain %s (genesis %s)", self.path, meta["genesis_time"])
             return meta
 
@@ -301,7 +324,11 @@ class LocalChain:
             "blocks_per_window": int(meta["blocks_per_window"]),
             "clock": meta["clock"],
         }
-        ours = {"block_time_s": self.block_time_s, "blocks_per_window": self.blocks_per_window, "clock": self.clock}
+        ours = {
+            "block_time_s": self.block_time_s,
+            "blocks_per_window": self.blocks_per_window,
+            "clock": self.clock,
+        }
         for key, value in stored.items():
             if value != ours[key]:
                 raise ConfigError(
@@ -340,7 +367,9 @@ class LocalChain:
     def advance(self, blocks: int = 1) -> int:
         """Manual clock: move the chain forward ``blocks`` blocks; return the new block."""
         if self.clock != "manual":
-            raise ChainError("advance() needs [chain] clock = 'manual' (the wall clock moves by itself)")
+            raise ChainError(
+                "advance() needs [chain] clock = 'manual' (the wall clock moves by itself)"
+            )
         if blocks < 0:
             raise ValueError(f"cannot move the chain backwards ({blocks} blocks)")
 
@@ -377,12 +406,17 @@ class LocalChain:
                 "SELECT uid, hotkey, stake, validator_permit FROM neurons ORDER BY uid"
             ).fetchall(),
         )
-        return [Neuron(uid=int(u), hotkey=h, stake=float(s), validator_permit=bool(p)) for u, h, s, p in rows]
+        return [
+            Neuron(uid=int(u), hotkey=h, stake=float(s), validator_permit=bool(p))
+            for u, h, s, p in rows
+        ]
 
     def uid_of(self, hotkey_ss58: str) -> int | None:
         row = self._read(
             "look up a uid",
-            lambda c: c.execute("SELECT uid FROM neurons WHERE hotkey = ?", (hotkey_ss58,)).fetchone(),
+            lambda c: c.execute(
+                "SELECT uid FROM neurons WHERE hotkey = ?", (hotkey_ss58,)
+            ).fetchone(),
         )
         return None if row is None else int(row[0])
 
@@ -413,7 +447,8 @@ class LocalChain:
             ).fetchall(),
         )
         return [
-            WeightsRecord(int(b), int(u), h, {int(k): float(v) for k, v in json.loads(w)}) for b, u, h, w in rows
+            WeightsRecord(int(b), int(u), h, {int(k): float(v) for k, v in json.loads(w)})
+            for b, u, h, w in rows
         ]
 
     def last_weights_block(self) -> dict[int, int]:
@@ -429,17 +464,27 @@ class LocalChain:
 
     # -- admin (unsigned: the swarm launcher plays the stakers) -------------------------------
 
-    def set_stake(self, hotkey_ss58: str, stake: float, validator_permit: bool | None = None) -> None:
+    def set_stake(
+        self, hotkey_ss58: str, stake: float, validator_permit: bool | None = None
+    ) -> None:
         if not math.isfinite(stake) or stake < 0:
             raise ChainError(f"stake must be a finite non-negative number, got {stake}")
 
         def apply(conn: sqlite3.Connection) -> None:
-            if conn.execute("SELECT 1 FROM neurons WHERE hotkey = ?", (hotkey_ss58,)).fetchone() is None:
-                raise NotRegisteredError(f"hotkey {hotkey_ss58} is not registered on the local chain")
-            conn.execute("UPDATE neurons SET stake = ? WHERE hotkey = ?", (float(stake), hotkey_ss58))
+            if (
+                conn.execute("SELECT 1 FROM neurons WHERE hotkey = ?", (hotkey_ss58,)).fetchone()
+                is None
+            ):
+                raise NotRegisteredError(
+                    f"hotkey {hotkey_ss58} is not registered on the local chain"
+                )
+            conn.execute(
+                "UPDATE neurons SET stake = ? WHERE hotkey = ?", (float(stake), hotkey_ss58)
+            )
             if validator_permit is not None:
                 conn.execute(
-                    "UPDATE neurons SET validator_permit = ? WHERE hotkey = ?", (int(validator_permit), hotkey_ss58)
+                    "UPDATE neurons SET validator_permit = ? WHERE hotkey = ?",
+                    (int(validator_permit), hotkey_ss58),
                 )
 
         self._write("set stake", apply)
@@ -456,9 +501,13 @@ class LocalChain:
         block, nonce = self._read("read the nonce", state)
         return self._signed(keypair, op, nonce, block, payload)
 
-    def _signed(self, keypair: Any, op: str, nonce: int, block: int, payload: Mapping[str, Any]) -> SignedExtrinsic:
+    def _signed(
+        self, keypair: Any, op: str, nonce: int, block: int, payload: Mapping[str, Any]
+    ) -> SignedExtrinsic:
         message = signing_message(self.chain_id, op, keypair.ss58_address, nonce, block, payload)
-        return SignedExtrinsic(op, keypair.ss58_address, nonce, block, dict(payload), bytes(keypair.sign(message)))
+        return SignedExtrinsic(
+            op, keypair.ss58_address, nonce, block, dict(payload), bytes(keypair.sign(message))
+        )
 
     def submit(self, extrinsic: SignedExtrinsic) -> Any:
         """Verify and apply a signed extrinsic in one transaction; return the op's result."""
@@ -470,7 +519,9 @@ class LocalChain:
         def run(conn: sqlite3.Connection) -> Any:
             # Nonce and block read in the same transaction as the apply: no race between
             # processes sharing a hotkey.
-            ext = self._signed(keypair, op, self._nonce(conn, keypair.ss58_address), self._block_in(conn), payload)
+            ext = self._signed(
+                keypair, op, self._nonce(conn, keypair.ss58_address), self._block_in(conn), payload
+            )
             return self._apply(conn, ext)
 
         return self._write(f"apply {op}", run)
@@ -485,9 +536,13 @@ class LocalChain:
         if ext.op not in OPS:
             raise InvalidExtrinsicError(f"unknown operation {ext.op!r}")
         try:
-            message = signing_message(self.chain_id, ext.op, ext.hotkey, ext.nonce, ext.block, ext.payload)
+            message = signing_message(
+                self.chain_id, ext.op, ext.hotkey, ext.nonce, ext.block, ext.payload
+            )
         except (TypeError, ValueError) as exc:
-            raise InvalidExtrinsicError(f"{ext.op} from {ext.hotkey}: payload is not canonical JSON ({exc})") from None
+            raise InvalidExtrinsicError(
+                f"{ext.op} from {ext.hotkey}: payload is not canonical JSON ({exc})"
+            ) from None
         if not verify_signature(ext.hotkey, message, ext.signature):
             raise InvalidExtrinsicError(f"{ext.op} from {ext.hotkey}: bad signature")
         expected = self._nonce(conn, ext.hotkey)
@@ -508,7 +563,14 @@ class LocalChain:
         )
         conn.execute(
             "INSERT INTO extrinsics (block, hotkey, op, nonce, payload, signature) VALUES (?, ?, ?, ?, ?, ?)",
-            (current, ext.hotkey, ext.op, ext.nonce, json.dumps(ext.payload, sort_keys=True), ext.signature.hex()),
+            (
+                current,
+                ext.hotkey,
+                ext.op,
+                ext.nonce,
+                json.dumps(ext.payload, sort_keys=True),
+                ext.signature.hex(),
+            ),
         )
         return result
 
@@ -545,7 +607,9 @@ class LocalChain:
     def _op_commit(self, conn: sqlite3.Connection, ext: SignedExtrinsic, block: int) -> None:
         self._registered_uid(conn, ext.hotkey)
         if set(ext.payload) != {"data"}:
-            raise InvalidExtrinsicError(f"commit from {ext.hotkey}: payload must be {{'data': str}}")
+            raise InvalidExtrinsicError(
+                f"commit from {ext.hotkey}: payload must be {{'data': str}}"
+            )
         data = validate_commitment(ext.payload["data"], self.commitment_max_bytes)
         conn.execute(
             "INSERT INTO commitments (hotkey, data, block) VALUES (?, ?, ?) "
@@ -557,7 +621,9 @@ class LocalChain:
         uid = self._registered_uid(conn, ext.hotkey)
         pairs = ext.payload.get("weights") if set(ext.payload) == {"weights"} else None
         if not isinstance(pairs, list) or not pairs:
-            raise InvalidExtrinsicError(f"set_weights from {ext.hotkey}: payload must be {{'weights': [[uid, w], ...]}}")
+            raise InvalidExtrinsicError(
+                f"set_weights from {ext.hotkey}: payload must be {{'weights': [[uid, w], ...]}}"
+            )
         known = {int(r[0]) for r in conn.execute("SELECT uid FROM neurons").fetchall()}
         seen: set[int] = set()
         for pair in pairs:
@@ -606,7 +672,11 @@ class LocalChain:
             clean, notes = prepare_weights(weights, {n.uid for n in self.metagraph()})
             if not clean:
                 return _skip("no weights left to set" + (f" ({'; '.join(notes)})" if notes else ""))
-            block = int(self._sign_and_submit(keypair, "set_weights", {"weights": [[u, w] for u, w in clean]}))
+            block = int(
+                self._sign_and_submit(
+                    keypair, "set_weights", {"weights": [[u, w] for u, w in clean]}
+                )
+            )
         except ChainError as exc:
             return _skip(str(exc))
         return WeightsResult(ok=True, reason="; ".join(notes), block=block)

@@ -38,7 +38,9 @@ def validate_commitment(data: object, max_bytes: int) -> str:
     return data
 
 
-def prepare_weights(weights: Mapping[int, float], known_uids: set[int]) -> tuple[list[tuple[int, float]], list[str]]:
+def prepare_weights(
+    weights: Mapping[int, float], known_uids: set[int]
+) -> tuple[list[tuple[int, float]], list[str]]:
     """Validate and normalise weights for submission; shared by both chain implementations.
 
     Returns ``(pairs, notes)``: ``pairs`` ascending by uid, summing to 1, without unknown uids

@@ -65,12 +65,18 @@ class Consumer:
         log.warning(
             "metrics consumer '%s' failed in %s and is off for the rest of this run "
             "(training continues): %s: %s",
-            self.name, where, type(exc).__name__, exc, exc_info=exc,
+            self.name,
+            where,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
         )
         try:
             self.release()
         except Exception as again:  # already reported the real failure; this is secondary
-            log.debug("metrics consumer '%s': release after failure also failed: %r", self.name, again)
+            log.debug(
+                "metrics consumer '%s': release after failure also failed: %r", self.name, again
+            )
 
 
 def contained(method: Callable[Concatenate[C, P], R]) -> Callable[Concatenate[C, P], R | None]:
@@ -101,6 +107,9 @@ def open_consumer(name: str, factory: Callable[[], R]) -> R | None:
         log.warning(
             "metrics consumer '%s' could not start and is off for this run (training continues): "
             "%s: %s",
-            name, type(exc).__name__, exc, exc_info=exc,
+            name,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
         )
         return None

@@ -41,7 +41,9 @@ class ConsoleConfig(BaseModel):
     show_eval_table: bool = Field(True, description="print a table at each evaluation")
     table_rows: int = Field(5, ge=1, le=100, description="most recent evaluations in the table")
     plain_interval_s: float = Field(
-        30.0, ge=0, description="without a terminal: seconds between plain progress lines (0: every step)"
+        30.0,
+        ge=0,
+        description="without a terminal: seconds between plain progress lines (0: every step)",
     )
     force_terminal: bool | None = Field(
         None, description="true/false overrides the terminal detection (None: detect)"

@@ -193,7 +193,9 @@ def repair_tail(path: Path) -> int:
         f.truncate(cut)
         f.flush()
         os.fsync(f.fileno())
-    log.warning("%s: removed a torn last line (%d bytes) left by an earlier crash", path, size - cut)
+    log.warning(
+        "%s: removed a torn last line (%d bytes) left by an earlier crash", path, size - cut
+    )
     return size - cut
 
 

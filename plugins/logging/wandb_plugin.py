@@ -44,12 +44,15 @@ class WandbConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["offline", "online", "disabled"] = Field(
-        "offline", description="offline: local files only; online: upload (needs a login); disabled: off"
+        "offline",
+        description="offline: local files only; online: upload (needs a login); disabled: off",
     )
     project: str = Field("covenant", min_length=1, description="wandb project")
     entity: str | None = Field(None, description="wandb team or user (None: the login's default)")
     name: str | None = Field(None, description="run display name (None: the [run] id)")
-    group: str | None = Field(None, description="run group (None: the [run] id, so peers of one run group)")
+    group: str | None = Field(
+        None, description="run group (None: the [run] id, so peers of one run group)"
+    )
     tags: list[str] = Field(default_factory=list)
     dir: Path | None = Field(None, description="where wandb writes (None: the run directory)")
     capture_console: bool = Field(
@@ -66,8 +69,13 @@ _DIR_VARIABLES = {
 
 
 #: wandb's own spellings of ``WANDB_MODE`` mapped to ours.
-_ENV_MODES = {"offline": "offline", "dryrun": "offline", "online": "online", "run": "online",
-              "disabled": "disabled"}
+_ENV_MODES = {
+    "offline": "offline",
+    "dryrun": "offline",
+    "online": "online",
+    "run": "online",
+    "disabled": "disabled",
+}
 
 
 def resolve_mode(configured: str, explicit: bool, environ: Mapping[str, str]) -> str:
@@ -80,7 +88,9 @@ def resolve_mode(configured: str, explicit: bool, environ: Mapping[str, str]) ->
     if explicit or not raw:
         return configured
     if raw not in _ENV_MODES:
-        log.warning("wandb: ignoring WANDB_MODE=%r (expected one of %s)", raw, ", ".join(_ENV_MODES))
+        log.warning(
+            "wandb: ignoring WANDB_MODE=%r (expected one of %s)", raw, ", ".join(_ENV_MODES)
+        )
         return configured
     return _ENV_MODES[raw]
 

@@ -24,7 +24,9 @@ err = Console(stderr=True)
 
 app = typer.Typer(help="Storage: list objects, make and check commitments.", no_args_is_help=True)
 
-UrlOpt = Annotated[str | None, typer.Option("--url", help="storage URL (default: the storage.url setting)")]
+UrlOpt = Annotated[
+    str | None, typer.Option("--url", help="storage URL (default: the storage.url setting)")
+]
 
 
 def _transport(config: str | None, overrides: list[str] | None, url: str | None) -> Any:

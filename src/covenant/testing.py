@@ -25,9 +25,14 @@ def covenant_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
-    def factory(*plugins: Any, config: str | None = None, overrides: Iterable[str] = (),
-                enable: Iterable[str] = ()) -> EngineRun:
-        return start_engine(*plugins, config=config, overrides=overrides, enable=enable,
-                            run_root=tmp_path / "runs")
+    def factory(
+        *plugins: Any,
+        config: str | None = None,
+        overrides: Iterable[str] = (),
+        enable: Iterable[str] = (),
+    ) -> EngineRun:
+        return start_engine(
+            *plugins, config=config, overrides=overrides, enable=enable, run_root=tmp_path / "runs"
+        )
 
     return factory

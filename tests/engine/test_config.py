@@ -50,7 +50,10 @@ def test_missing_sections_take_defaults() -> None:
     [
         ({"demo": {"lr": "fast"}}, "f.toml: [demo] lr: Input should be a valid number"),
         ({"demo": {"stepz": 3}}, "f.toml: [demo] stepz: unknown key"),
-        ({"demo": {"steps": 0}}, "f.toml: [demo] steps: Input should be greater than or equal to 1"),
+        (
+            {"demo": {"steps": 0}},
+            "f.toml: [demo] steps: Input should be greater than or equal to 1",
+        ),
         ({"nope": {"a": 1}}, "f.toml: unknown section [nope]"),
         ({"demo": 3}, "f.toml: 'demo' must be a [section]"),
     ],

@@ -60,7 +60,10 @@ def test_mnemonic_and_seed_files(tmp_path: Path) -> None:
 
     words = Keypair.generate_mnemonic(12)
     (tmp_path / "m.txt").write_text(words + "\n")
-    assert load_hotkey(str(tmp_path / "m.txt")).ss58_address == Keypair.create_from_mnemonic(words).ss58_address
+    assert (
+        load_hotkey(str(tmp_path / "m.txt")).ss58_address
+        == Keypair.create_from_mnemonic(words).ss58_address
+    )
     seed = bytes(range(32))
     (tmp_path / "s.txt").write_text("0x" + seed.hex())
     assert load_hotkey(str(tmp_path / "s.txt")).ss58_address == keypair_from_seed(seed).ss58_address

@@ -78,8 +78,16 @@ def test_unknown_plugin_in_allow_list() -> None:
 
 
 def test_plugin_that_raises_at_import(site: Path) -> None:
-    expose(site, "thirdparty_boom", {"boom": "thirdparty_boom"}, {"thirdparty_boom": "raise RuntimeError('kaput')\n"})
-    with pytest.raises(PluginError, match=r"plugin 'boom' \(thirdparty_boom\) failed to import: RuntimeError: kaput"):
+    expose(
+        site,
+        "thirdparty_boom",
+        {"boom": "thirdparty_boom"},
+        {"thirdparty_boom": "raise RuntimeError('kaput')\n"},
+    )
+    with pytest.raises(
+        PluginError,
+        match=r"plugin 'boom' \(thirdparty_boom\) failed to import: RuntimeError: kaput",
+    ):
         PluginHost().load(["boom"], environ={})
 
 
@@ -92,7 +100,9 @@ def test_misspelled_hook_is_an_error() -> None:
     host = PluginHost()
     host.load([], environ={})
     host.register(Typo(), name="typo")
-    with pytest.raises(PluginError, match="plugin 'typo' implements unknown hook 'covenant_log_metric'"):
+    with pytest.raises(
+        PluginError, match="plugin 'typo' implements unknown hook 'covenant_log_metric'"
+    ):
         host.check()
 
 
@@ -126,7 +136,9 @@ def test_fixture_records_hooks_of_example_plugin(example_site: Path, covenant_en
     assert [c.name for c in run.recorder.of("covenant_log_metrics")] == ["covenant_log_metrics"] * 2
 
 
-def _cli(args: list[str], env_extra: dict[str, str] | None = None, pythonpath: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(
+    args: list[str], env_extra: dict[str, str] | None = None, pythonpath: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "COVENANT_PLUGINS"}
@@ -135,7 +147,10 @@ def _cli(args: list[str], env_extra: dict[str, str] | None = None, pythonpath: P
         env["PYTHONPATH"] = str(pythonpath)
     return subprocess.run(
         [sys.executable, "-m", "covenant.engine.cli.main", *args],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
 
 
@@ -154,7 +169,10 @@ def test_cli_lists_third_party_plugin_and_allow_list_hides_it(example_site: Path
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["config", "show", "--config", "does-not-exist.toml"], "config file not found: does-not-exist.toml"),
+        (
+            ["config", "show", "--config", "does-not-exist.toml"],
+            "config file not found: does-not-exist.toml",
+        ),
         (["config", "show", "--config", "tiny", "--set", "train.steps=-1"], "[train] steps"),
     ],
 )
@@ -177,7 +195,12 @@ def test_cli_malformed_toml_and_unknown_plugin(tmp_path: Path) -> None:
 
 
 def test_cli_plugin_raising_at_import_exits_2(site: Path) -> None:
-    expose(site, "thirdparty_boom2", {"boom2": "thirdparty_boom2"}, {"thirdparty_boom2": "raise ImportError('nope')\n"})
+    expose(
+        site,
+        "thirdparty_boom2",
+        {"boom2": "thirdparty_boom2"},
+        {"thirdparty_boom2": "raise ImportError('nope')\n"},
+    )
     res = _cli(["plugins"], pythonpath=site)
     assert res.returncode == 2
     assert "plugin 'boom2' (thirdparty_boom2) failed to import" in res.stderr

@@ -31,23 +31,39 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def overrides(data: Path, run_id: str, *extra: str) -> list[str]:
     return [
         f"run.id={run_id!r}".replace("'", '"'),
-        f'data.dir="{data}"', "data.vocab_size=512", "data.seq_len=64",
-        'model.preset="tiny-2l"', "model.vocab=512", "model.seq_len=64", "model.micro_batch=2",
-        "train.batch_size=4", "train.inner_steps=5", "train.lr=3e-3", "train.warmup_steps=2",
-        "train.cosine_steps=100", "train.eval_every=0", *extra,
+        f'data.dir="{data}"',
+        "data.vocab_size=512",
+        "data.seq_len=64",
+        'model.preset="tiny-2l"',
+        "model.vocab=512",
+        "model.seq_len=64",
+        "model.micro_batch=2",
+        "train.batch_size=4",
+        "train.inner_steps=5",
+        "train.lr=3e-3",
+        "train.warmup_steps=2",
+        "train.cosine_steps=100",
+        "train.eval_every=0",
+        *extra,
     ]
 
 
 def test_resume_is_bit_identical(covenant_engine, small_data: Path) -> None:  # type: ignore[no-untyped-def]
-    straight = covenant_engine(enable=["model"], overrides=overrides(
-        small_data, "straight", "train.steps=8", "train.checkpoint_every=4")).train()
+    straight = covenant_engine(
+        enable=["model"],
+        overrides=overrides(small_data, "straight", "train.steps=8", "train.checkpoint_every=4"),
+    ).train()
     assert len(straight.losses) == 8
 
-    first = covenant_engine(enable=["model"], overrides=overrides(
-        small_data, "resumed", "train.steps=4", "train.checkpoint_every=4")).train()
+    first = covenant_engine(
+        enable=["model"],
+        overrides=overrides(small_data, "resumed", "train.steps=4", "train.checkpoint_every=4"),
+    ).train()
     assert first.losses == straight.losses[:4]
-    run = covenant_engine(enable=["model"], overrides=overrides(
-        small_data, "resumed", "train.steps=8", "train.checkpoint_every=4"))
+    run = covenant_engine(
+        enable=["model"],
+        overrides=overrides(small_data, "resumed", "train.steps=8", "train.checkpoint_every=4"),
+    )
     from covenant.engine.loop import run_training
 
     resumed = run_training(run.session, resume=True)
@@ -56,9 +72,18 @@ def test_resume_is_bit_identical(covenant_engine, small_data: Path) -> None:  # 
 
 
 def test_loss_falls_and_outputs_are_written(covenant_engine, small_data: Path) -> None:  # type: ignore[no-untyped-def]
-    run = covenant_engine(enable=["model", "jsonl", "wandb"], overrides=overrides(
-        small_data, "falls", "train.steps=40", "train.eval_every=10", "train.eval_batches=4",
-        "train.checkpoint_every=0", 'wandb.mode="offline"'))
+    run = covenant_engine(
+        enable=["model", "jsonl", "wandb"],
+        overrides=overrides(
+            small_data,
+            "falls",
+            "train.steps=40",
+            "train.eval_every=10",
+            "train.eval_batches=4",
+            "train.checkpoint_every=0",
+            'wandb.mode="offline"',
+        ),
+    )
     result = run.train()
     vals = [result.val_losses[s] for s in sorted(result.val_losses)]
     assert sorted(result.val_losses) == [10, 20, 30, 40]
@@ -75,19 +100,38 @@ def test_loss_falls_and_outputs_are_written(covenant_engine, small_data: Path) -
 
     # the run directory exports to Hugging Face format through the real CLI
     out = run.run_dir.parent / "hf"
-    res = subprocess.run([sys.executable, "-m", "covenant.engine.cli.main", "export", "--format", "hf",
-                          str(run.run_dir), str(out)], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "covenant.engine.cli.main",
+            "export",
+            "--format",
+            "hf",
+            str(run.run_dir),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 2 and config["vocab_size"] == 512
     assert (out / "model.safetensors").stat().st_size > 0
 
 
-def test_resume_refuses_another_preset_and_damages_nothing(covenant_engine, small_data: Path) -> None:  # type: ignore[no-untyped-def]
-    covenant_engine(enable=["model"], overrides=overrides(
-        small_data, "foreign", "train.steps=2", "train.checkpoint_every=2")).train()
-    run = covenant_engine(enable=["model"], overrides=overrides(
-        small_data, "foreign", "train.steps=4", "model.layers=4"))
+def test_resume_refuses_another_preset_and_damages_nothing(
+    covenant_engine, small_data: Path
+) -> None:  # type: ignore[no-untyped-def]
+    covenant_engine(
+        enable=["model"],
+        overrides=overrides(small_data, "foreign", "train.steps=2", "train.checkpoint_every=2"),
+    ).train()
+    run = covenant_engine(
+        enable=["model"],
+        overrides=overrides(small_data, "foreign", "train.steps=4", "model.layers=4"),
+    )
     ckpt = run.run_dir / "checkpoints" / "step-000002"
     before = {p.relative_to(ckpt): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
     from covenant.engine.loop import run_training

@@ -42,11 +42,22 @@ def _overrides(data: Path, root: Path, run_id: str, *extra: str) -> list[str]:
         'wandb.mode="disabled"',  # configs/tiny.toml has a [wandb] section: keep it loaded, off
         f"run.root={json.dumps(str(root))}",
         f"run.id={json.dumps(run_id)}",
-        f"data.dir={json.dumps(str(data))}", "data.vocab_size=512", "data.seq_len=64",
-        'model.preset="tiny-2l"', "model.vocab=512", "model.seq_len=64", "model.micro_batch=2",
-        "train.batch_size=4", "train.inner_steps=5", "train.lr=3e-3", "train.warmup_steps=2",
-        "train.cosine_steps=100", "train.eval_every=0", f"train.steps={STEPS}",
-        "train.checkpoint_every=3", *extra,
+        f"data.dir={json.dumps(str(data))}",
+        "data.vocab_size=512",
+        "data.seq_len=64",
+        'model.preset="tiny-2l"',
+        "model.vocab=512",
+        "model.seq_len=64",
+        "model.micro_batch=2",
+        "train.batch_size=4",
+        "train.inner_steps=5",
+        "train.lr=3e-3",
+        "train.warmup_steps=2",
+        "train.cosine_steps=100",
+        "train.eval_every=0",
+        f"train.steps={STEPS}",
+        "train.checkpoint_every=3",
+        *extra,
     ]
     return [arg for s in sets for arg in ("--set", s)]
 
@@ -56,14 +67,23 @@ def _train(args: list[str], nproc: int, cwd: Path) -> subprocess.CompletedProces
     cli = ["-m", "covenant.engine.cli.main", "train", "--config", "tiny", *args]
     if nproc > 1:
         # --standalone picks a free rendezvous port: no clash with other torchrun jobs here.
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", *cli]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            *cli,
+        ]
     else:
         cmd = [sys.executable, *cli]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT_S, check=False)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, check=False
+    )
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -80,7 +100,9 @@ def _assert_checkpoint(run_dir: Path, ranks: int) -> None:
     assert files == ["meta.json", *(f"rank-{r:05d}.pt" for r in range(ranks)), "weights"], files
     # each rank wrote its own pieces of the full weights; rank 0 the layout-independent index
     assert sorted(p.name for p in (root / latest / "weights").iterdir()) == [
-        "covenant_model.json", *(f"shard-{r:05d}.safetensors" for r in range(ranks))]
+        "covenant_model.json",
+        *(f"shard-{r:05d}.safetensors" for r in range(ranks)),
+    ]
     meta = json.loads((root / latest / "meta.json").read_text())
     assert meta["step"] == STEPS and meta["world_size"] == ranks
     assert not list(root.glob(".tmp-*")), "a temporary checkpoint folder was left behind"
@@ -98,11 +120,14 @@ def reference(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> lis
 
 
 def _close(got: list[float], want: list[float]) -> bool:
-    return len(got) == len(want) and all(abs(a - b) <= TOLERANCE for a, b in zip(got, want, strict=True))
+    return len(got) == len(want) and all(
+        abs(a - b) <= TOLERANCE for a, b in zip(got, want, strict=True)
+    )
 
 
-def test_tp2_under_torchrun_matches_single_process(small_data: Path, reference: list[float],
-                                                   tmp_path: Path) -> None:
+def test_tp2_under_torchrun_matches_single_process(
+    small_data: Path, reference: list[float], tmp_path: Path
+) -> None:
     _train(_overrides(small_data, tmp_path, "tp2", "model.tp=2"), 2, tmp_path)
     run_dir = tmp_path / "tp2"
     got = _losses(run_dir)
@@ -137,9 +162,22 @@ def test_pp2_run_exports_to_hf_through_the_cli(pp2_run: Path, tmp_path: Path) ->
     from safetensors import safe_open
 
     out = tmp_path / "hf"
-    res = subprocess.run([sys.executable, "-m", "covenant.engine.cli.main", "export", str(pp2_run),
-                          str(out), "--dtype", "bf16"], capture_output=True, text=True, timeout=300,
-                         check=False)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "covenant.engine.cli.main",
+            "export",
+            str(pp2_run),
+            str(out),
+            "--dtype",
+            "bf16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         names = set(f.keys())

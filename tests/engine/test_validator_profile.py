@@ -6,20 +6,41 @@ import os
 import subprocess
 import sys
 
-TRAINING_SIDE = ("covenant.models", "megatron", "covenant.engine.loop", "covenant.plugins.sparseloco",
-                 "transformer_engine")
+TRAINING_SIDE = (
+    "covenant.models",
+    "megatron",
+    "covenant.engine.loop",
+    "covenant.plugins.sparseloco",
+    "transformer_engine",
+)
 
 
 def test_validator_profile_imports_no_training_module() -> None:
     env = {k: v for k, v in os.environ.items() if k != "COVENANT_PLUGINS"}
     res = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "covenant.engine.cli.main",
-         "config", "show", "--config", "validator", "--json"],
-        capture_output=True, text=True, env=env, timeout=180,
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "covenant.engine.cli.main",
+            "config",
+            "show",
+            "--config",
+            "validator",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    imported = [line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines()
-                if line.startswith("import time:")]
+    imported = [
+        line.rsplit("|", 1)[-1].strip()
+        for line in res.stderr.splitlines()
+        if line.startswith("import time:")
+    ]
     assert "covenant.engine.session" in imported
     leaked = sorted({m for m in imported if m.startswith(TRAINING_SIDE)})
     assert leaked == [], f"validator profile imported training-side modules: {leaked}"

@@ -29,9 +29,13 @@ FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+    pytest.mark.skipif(
+        not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)"
+    ),
 ]
-needs_te = pytest.mark.skipif(not HAS_TE, reason="needs Transformer Engine (transformer_engine is not importable)")
+needs_te = pytest.mark.skipif(
+    not HAS_TE, reason="needs Transformer Engine (transformer_engine is not importable)"
+)
 
 #: The ``tiny`` preset (4 layers, hidden 256, vocab 8192, T = 128): every FP8 GEMM dimension is a
 #: multiple of 32, as mxfp8/blockwise need. Two micro-batches per step.
@@ -61,7 +65,9 @@ def _train_and_check(**overrides: Any) -> MegatronRuntime:
     # A fresh model predicts about uniformly; the same batch three times must get easier.
     assert losses[0] == pytest.approx(math.log(rt.shape.vocab), rel=0.05), losses
     assert min(losses[1:]) < losses[0], losses  # lr 1e-2 (to move bf16 norms) may overshoot late
-    unchanged = [n for n, p in rt.local_parameters().items() if torch.equal(p.detach().float(), before[n])]
+    unchanged = [
+        n for n, p in rt.local_parameters().items() if torch.equal(p.detach().float(), before[n])
+    ]
     assert not unchanged, f"parameters not updated: {unchanged}"
     assert math.isfinite(rt.eval_loss(tokens))
     return rt

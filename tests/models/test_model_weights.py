@@ -50,7 +50,9 @@ def _write_as_tp2(full: dict[str, torch.Tensor], shape: Any, root: Path) -> None
             if s.replicated_over_tp and rank:
                 continue
             sources.append((rank, s))
-            mine[p.name] = full[p.name][tuple(slice(o, o + n) for o, n in zip(s.offsets, s.local_shape, strict=True))]
+            mine[p.name] = full[p.name][
+                tuple(slice(o, o + n) for o, n in zip(s.offsets, s.local_shape, strict=True))
+            ]
         write_pieces(root, rank, mine)
     write_index(root, build_index(shape, sources))
 

@@ -57,7 +57,11 @@ class BittensorHarness:
     def register_replacing(self, keypair: Any) -> int:
         weakest = min(
             range(len(self.double.neurons)),
-            key=lambda u: (self.double.neurons[u].validator_permit, self.double.neurons[u].stake_rao, u),
+            key=lambda u: (
+                self.double.neurons[u].validator_permit,
+                self.double.neurons[u].stake_rao,
+                u,
+            ),
         )
         self.double.replace_neuron(weakest, keypair.ss58_address)
         return weakest

@@ -25,7 +25,10 @@ from covenant.plugins.chain.local import LocalChain
 @pytest.fixture
 def local_chain(tmp_path: Path) -> Iterator[LocalChain]:
     chain = LocalChain(
-        tmp_path / "chain.sqlite", clock="manual", weights_rate_limit_blocks=RATE_LIMIT, sleep_fn=no_sleep
+        tmp_path / "chain.sqlite",
+        clock="manual",
+        weights_rate_limit_blocks=RATE_LIMIT,
+        sleep_fn=no_sleep,
     )
     yield chain
     chain.close()
@@ -38,7 +41,9 @@ def double() -> SubstrateDouble:
 
 @pytest.fixture
 def bt_chain(double: SubstrateDouble) -> Iterator[BittensorChain]:
-    chain = BittensorChain(substrate=double, netuid=double.netuid, blocks_per_window=10, sleep_fn=no_sleep)
+    chain = BittensorChain(
+        substrate=double, netuid=double.netuid, blocks_per_window=10, sleep_fn=no_sleep
+    )
     yield chain
     chain.close()
 

@@ -37,7 +37,9 @@ class ComposedCall:
 
     @property
     def data(self) -> bytes:
-        return json.dumps([self.module, self.function, _jsonable(self.params)], sort_keys=True).encode()
+        return json.dumps(
+            [self.module, self.function, _jsonable(self.params)], sort_keys=True
+        ).encode()
 
     @property
     def value(self) -> dict[str, Any]:
@@ -87,7 +89,9 @@ class SubstrateDouble:
     weights: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     last_update: dict[int, int] = field(default_factory=dict)
     timelocked: list[dict[str, Any]] = field(default_factory=list)
-    submitted: list[tuple[str, str, str]] = field(default_factory=list)  # (module, function, signer)
+    submitted: list[tuple[str, str, str]] = field(
+        default_factory=list
+    )  # (module, function, signer)
     # Failure injection.
     connect_failures: int = 0  # the next N connects raise RpcConnectionError (endpoint down)
     read_failures: int = 0  # the next N block_number reads raise RpcConnectionError
@@ -117,7 +121,10 @@ class SubstrateDouble:
         return None
 
     def hash_of(self, block: int) -> str:
-        return "0x" + hashlib.blake2b(f"double-{self.netuid}-{block}".encode(), digest_size=32).hexdigest()
+        return (
+            "0x"
+            + hashlib.blake2b(f"double-{self.netuid}-{block}".encode(), digest_size=32).hexdigest()
+        )
 
     def _block_of_hash(self, block_hash: str | None) -> int:
         if block_hash is None:
@@ -170,21 +177,41 @@ class SubstrateDouble:
     async def spec_version(self) -> int:
         return 400
 
-    async def get_block(self, block_number: int | None = None, block_hash: str | None = None) -> dict | None:
+    async def get_block(
+        self, block_number: int | None = None, block_hash: str | None = None
+    ) -> dict | None:
         self.calls.append("get_block")
-        b = self._block_of_hash(block_hash) if block_hash else (self.block if block_number is None else block_number)
+        b = (
+            self._block_of_hash(block_hash)
+            if block_hash
+            else (self.block if block_number is None else block_number)
+        )
         if b > self.block or b < 0:
             return None
         return {
-            "header": {"number": b, "hash": self.hash_of(b), "parentHash": self.hash_of(max(0, b - 1))},
+            "header": {
+                "number": b,
+                "hash": self.hash_of(b),
+                "parentHash": self.hash_of(max(0, b - 1)),
+            },
             "extrinsics": [
-                {"call": {"call_module": "Timestamp", "call_function": "set",
-                          "call_args": [{"name": "now", "value": self.timestamp_ms(b)}]}}
+                {
+                    "call": {
+                        "call_module": "Timestamp",
+                        "call_function": "set",
+                        "call_args": [{"name": "now", "value": self.timestamp_ms(b)}],
+                    }
+                }
             ],
         }
 
-    async def query(self, module: str, storage_function: str, params: list | None = None,
-                    block_hash: str | None = None) -> Any:
+    async def query(
+        self,
+        module: str,
+        storage_function: str,
+        params: list | None = None,
+        block_hash: str | None = None,
+    ) -> Any:
         self.calls.append(f"query {module}.{storage_function}")
         p = list(params or [])
         name = (module, storage_function)
@@ -217,12 +244,18 @@ class SubstrateDouble:
             return [n.validator_permit for n in self.neurons]
         raise ChainError(f"double: no storage {module}.{storage_function}")
 
-    async def map_has_entries(self, module: str, storage_function: str, params: list,
-                              block_hash: str | None = None) -> bool:
+    async def map_has_entries(
+        self, module: str, storage_function: str, params: list, block_hash: str | None = None
+    ) -> bool:
         return bool(await self.query_map(module, storage_function, params, block_hash))
 
-    async def query_map(self, module: str, storage_function: str, params: list | None = None,
-                        block_hash: str | None = None) -> list[tuple[Any, Any]]:
+    async def query_map(
+        self,
+        module: str,
+        storage_function: str,
+        params: list | None = None,
+        block_hash: str | None = None,
+    ) -> list[tuple[Any, Any]]:
         self.calls.append(f"query_map {module}.{storage_function}")
         name = (module, storage_function)
         if name == ("SubtensorModule", "TokenSymbol"):
@@ -235,11 +268,18 @@ class SubstrateDouble:
             return [(n.hotkey, uid) for uid, n in enumerate(self.neurons)]
         raise ChainError(f"double: no storage map {module}.{storage_function}")
 
-    async def query_batch(self, module: str, storage_function: str, param_sets: list[list],
-                          block_hash: str | None = None) -> list[Any]:
+    async def query_batch(
+        self,
+        module: str,
+        storage_function: str,
+        param_sets: list[list],
+        block_hash: str | None = None,
+    ) -> list[Any]:
         return [await self.query(module, storage_function, p, block_hash) for p in param_sets]
 
-    async def runtime_call(self, api: str, method: str, params: list, block_hash: str | None = None) -> Any:
+    async def runtime_call(
+        self, api: str, method: str, params: list, block_hash: str | None = None
+    ) -> Any:
         self.calls.append(f"runtime {api}.{method}")
         if (api, method) != ("SubnetInfoRuntimeApi", "get_metagraph"):
             raise ChainError(f"double: no runtime API {api}.{method}")
@@ -308,8 +348,16 @@ class SubstrateDouble:
 
     # -- writes -------------------------------------------------------------------------------
 
-    async def submit(self, call: Any, keypair: Any, *, nonce: int | None = None, period: int | None = 64,
-                     wait_for_inclusion: bool = True, wait_for_finalization: bool = True) -> ExtrinsicResult:
+    async def submit(
+        self,
+        call: Any,
+        keypair: Any,
+        *,
+        nonce: int | None = None,
+        period: int | None = 64,
+        wait_for_inclusion: bool = True,
+        wait_for_finalization: bool = True,
+    ) -> ExtrinsicResult:
         composed = call if isinstance(call, ComposedCall) else await self.compose(call)
         self.calls.append(f"submit {composed.module}.{composed.function}")
         # The node checks the extrinsic signature against the signer's public key.
@@ -321,7 +369,9 @@ class SubstrateDouble:
         self.submitted.append((composed.module, composed.function, signer))
         handler = getattr(self, f"_dispatch_{composed.module}_{composed.function}", None)
         if handler is None:
-            return _failed(f"double: call {composed.module}.{composed.function} not supported", "CallFiltered")
+            return _failed(
+                f"double: call {composed.module}.{composed.function} not supported", "CallFiltered"
+            )
         failure = handler(signer, composed.params)
         if failure is not None:
             return failure
@@ -333,7 +383,9 @@ class SubstrateDouble:
             extrinsic_id=f"{self.block}-1",
         )
 
-    def _dispatch_Commitments_set_commitment(self, signer: str, params: dict) -> ExtrinsicResult | None:
+    def _dispatch_Commitments_set_commitment(
+        self, signer: str, params: dict
+    ) -> ExtrinsicResult | None:
         if int(params["netuid"]) != self.netuid or self.uid_of(signer) is None:
             return _failed("AccountNotAllowedCommit", "AccountNotAllowedCommit")
         info = params["info"]
@@ -349,10 +401,16 @@ class SubstrateDouble:
             decoded.append({variant: "0x" + bytes(raw).hex()})
         if len(decoded) > 3:
             return _failed("TooManyFieldsInCommitmentInfo", "TooManyFieldsInCommitmentInfo")
-        self.commitment_of[signer] = {"block": self.block + 1, "deposit": 0, "info": {"fields": decoded}}
+        self.commitment_of[signer] = {
+            "block": self.block + 1,
+            "deposit": 0,
+            "info": {"fields": decoded},
+        }
         return None
 
-    def _check_weights_origin(self, signer: str, params: dict) -> tuple[int | None, ExtrinsicResult | None]:
+    def _check_weights_origin(
+        self, signer: str, params: dict
+    ) -> tuple[int | None, ExtrinsicResult | None]:
         uid = self.uid_of(signer)
         if int(params["netuid"]) != self.netuid or uid is None:
             return None, _failed("HotKeyNotRegisteredInSubNet", "HotKeyNotRegisteredInSubNet")
@@ -361,7 +419,9 @@ class SubstrateDouble:
             return None, _failed("SettingWeightsTooFast", "SettingWeightsTooFast")
         return uid, None
 
-    def _dispatch_SubtensorModule_set_mechanism_weights(self, signer: str, params: dict) -> ExtrinsicResult | None:
+    def _dispatch_SubtensorModule_set_mechanism_weights(
+        self, signer: str, params: dict
+    ) -> ExtrinsicResult | None:
         uid, failure = self._check_weights_origin(signer, params)
         if failure is not None or uid is None:
             return failure
@@ -374,15 +434,23 @@ class SubstrateDouble:
         self.last_update[uid] = self.block + 1
         return None
 
-    def _dispatch_SubtensorModule_commit_timelocked_mechanism_weights(self, signer: str, params: dict) -> ExtrinsicResult | None:
+    def _dispatch_SubtensorModule_commit_timelocked_mechanism_weights(
+        self, signer: str, params: dict
+    ) -> ExtrinsicResult | None:
         uid, failure = self._check_weights_origin(signer, params)
         if failure is not None or uid is None:
             return failure
         commit = params["commit"]
         if not isinstance(commit, bytes | bytearray) or not commit:
             return _failed("empty commit", "InvalidArgument")
-        self.timelocked.append({"uid": uid, "commit": bytes(commit), "reveal_round": int(params["reveal_round"]),
-                                "version": int(params["commit_reveal_version"])})
+        self.timelocked.append(
+            {
+                "uid": uid,
+                "commit": bytes(commit),
+                "reveal_round": int(params["reveal_round"]),
+                "version": int(params["commit_reveal_version"]),
+            }
+        )
         self.last_update[uid] = self.block + 1
         return None
 

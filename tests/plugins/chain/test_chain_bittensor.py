@@ -29,7 +29,9 @@ def _two_neurons(double: SubstrateDouble) -> tuple[Any, Any]:
     return validator, miner
 
 
-def test_commitment_is_the_raw_call_signed_by_the_hotkey(bt_chain: BittensorChain, double: SubstrateDouble) -> None:
+def test_commitment_is_the_raw_call_signed_by_the_hotkey(
+    bt_chain: BittensorChain, double: SubstrateDouble
+) -> None:
     _, miner = _two_neurons(double)
     bt_chain.commit(miner, "x" * 128)
     assert double.submitted[-1] == ("Commitments", "set_commitment", miner.ss58_address)
@@ -43,20 +45,32 @@ def test_commitment_info_layout() -> None:
     assert long == {"fields": [[{"Raw128": b"a" * 128}, {"Raw10": b"b" * 10}]]}
 
 
-def test_plain_weights_go_through_set_weights_with_u16_values(bt_chain: BittensorChain, double: SubstrateDouble) -> None:
+def test_plain_weights_go_through_set_weights_with_u16_values(
+    bt_chain: BittensorChain, double: SubstrateDouble
+) -> None:
     validator, _ = _two_neurons(double)
     result = bt_chain.set_weights(validator, {0: 0.25, 1: 0.75})
     assert result.ok and result.block == double.block
-    assert double.submitted[-1] == ("SubtensorModule", "set_mechanism_weights", validator.ss58_address)
+    assert double.submitted[-1] == (
+        "SubtensorModule",
+        "set_mechanism_weights",
+        validator.ss58_address,
+    )
     assert double.weights[0] == [(0, 21845), (1, 65535)]  # max-upscaled to u16 by the SDK
 
 
-def test_commit_reveal_weights_are_timelocked(bt_chain: BittensorChain, double: SubstrateDouble) -> None:
+def test_commit_reveal_weights_are_timelocked(
+    bt_chain: BittensorChain, double: SubstrateDouble
+) -> None:
     validator, _ = _two_neurons(double)
     double.commit_reveal = True
     result = bt_chain.set_weights(validator, {0: 1.0, 1: 2.0})
     assert result.ok, result.reason
-    assert double.submitted[-1] == ("SubtensorModule", "commit_timelocked_mechanism_weights", validator.ss58_address)
+    assert double.submitted[-1] == (
+        "SubtensorModule",
+        "commit_timelocked_mechanism_weights",
+        validator.ss58_address,
+    )
     commit = double.timelocked[-1]
     assert commit["uid"] == 0 and len(commit["commit"]) > 64 and commit["reveal_round"] > 0
     assert f"round {commit['reveal_round']}" in result.reason
@@ -75,7 +89,13 @@ def test_endpoint_down_is_a_clear_error_after_retries(double: SubstrateDouble) -
     validator, _ = _two_neurons(double)
     double.connect_failures = 100
     sleeps: list[float] = []
-    chain = BittensorChain(substrate=double, netuid=double.netuid, retries=3, retry_backoff_s=0.5, sleep_fn=sleeps.append)
+    chain = BittensorChain(
+        substrate=double,
+        netuid=double.netuid,
+        retries=3,
+        retry_backoff_s=0.5,
+        sleep_fn=sleeps.append,
+    )
     try:
         with pytest.raises(ChainUnavailableError, match="failed after 3 tries"):
             chain.block()
@@ -114,20 +134,34 @@ def test_unreadable_commitments_are_skipped(
     double.commitment_of = {
         validator.ss58_address: {"block": 900, "deposit": 0, "info": {"fields": [{"Raw8": raw}]}},
         # oversized for our limit (three full Raw fields = 384 bytes)
-        miner.ss58_address: {"block": 901, "deposit": 0,
-                             "info": {"fields": [{"Raw128": "0x" + b"a".hex() * 128}] * 3}},
+        miner.ss58_address: {
+            "block": 901,
+            "deposit": 0,
+            "info": {"fields": [{"Raw128": "0x" + b"a".hex() * 128}] * 3},
+        },
         # a control character
-        carol.ss58_address: {"block": 902, "deposit": 0, "info": {"fields": [{"Raw3": "0x" + b"a\nb".hex()}]}},
+        carol.ss58_address: {
+            "block": 902,
+            "deposit": 0,
+            "info": {"fields": [{"Raw3": "0x" + b"a\nb".hex()}]},
+        },
         # still sealed by a timelock
-        dave.ss58_address: {"block": 903, "deposit": 0,
-                            "info": {"fields": [{"TimelockEncrypted": {"encrypted": "0x00", "reveal_round": 10**12}}]}},
+        dave.ss58_address: {
+            "block": 903,
+            "deposit": 0,
+            "info": {
+                "fields": [{"TimelockEncrypted": {"encrypted": "0x00", "reveal_round": 10**12}}]
+            },
+        },
         # a hotkey that is no longer registered
         gone.ss58_address: {"block": 904, "deposit": 0, "info": {"fields": [{"Raw8": raw}]}},
     }
     with caplog.at_level(logging.WARNING):
         got = bt_chain.commitments()
     assert set(got) == {validator.ss58_address}
-    assert got[validator.ss58_address].data == "ok-creds" and got[validator.ss58_address].block == 900
+    assert (
+        got[validator.ss58_address].data == "ok-creds" and got[validator.ss58_address].block == 900
+    )
     assert caplog.text.count("skipping the commitment") == 3
 
 
@@ -155,10 +189,14 @@ def test_sdk_cache_goes_to_the_run_dir_not_home(
     assert not (home / ".bittensor").exists()
 
 
-def test_block_time_and_future_timestamps(bt_chain: BittensorChain, double: SubstrateDouble) -> None:
+def test_block_time_and_future_timestamps(
+    bt_chain: BittensorChain, double: SubstrateDouble
+) -> None:
     now = double.block
     assert bt_chain.block_time() == double.block_time_s
     assert bt_chain.block_timestamp(now) == double.timestamp_ms(now) / 1000
-    assert bt_chain.block_timestamp(now + 115) == pytest.approx(double.timestamp_ms(now) / 1000 + 115 * 12.0)
+    assert bt_chain.block_timestamp(now + 115) == pytest.approx(
+        double.timestamp_ms(now) / 1000 + 115 * 12.0
+    )
     with pytest.raises(ChainError):
         bt_chain.block_hash(now + 10)

@@ -43,7 +43,9 @@ def test_clock_windows_and_hashes(chain_harness: Any) -> None:
     t0, t1 = chain.block_timestamp(now - 1), chain.block_timestamp(now)
     assert t1 > t0 > 1.6e9  # seconds since the epoch, increasing
     # Future blocks are predicted at the chain's block time.
-    future = window_start_block(window_of(now, chain.blocks_per_window) + 1, chain.blocks_per_window)
+    future = window_start_block(
+        window_of(now, chain.blocks_per_window) + 1, chain.blocks_per_window
+    )
     assert chain.block_timestamp(future) == pytest.approx(t1 + (future - now) * (t1 - t0), rel=1e-6)
     h = chain.block_hash(now - 2)
     assert h == chain.block_hash(now - 2)

@@ -25,7 +25,9 @@ def test_forged_signature_is_refused(local_chain: LocalChain) -> None:
     alice, bob = dev_key("Alice"), dev_key("Bob")
     local_chain.register(alice)
     ext = local_chain.sign(alice, "commit", {"data": "creds"})
-    message = signing_message(local_chain.chain_id, ext.op, ext.hotkey, ext.nonce, ext.block, ext.payload)
+    message = signing_message(
+        local_chain.chain_id, ext.op, ext.hotkey, ext.nonce, ext.block, ext.payload
+    )
     forged = dataclasses.replace(ext, signature=bob.sign(message))  # Bob signs as Alice
     with pytest.raises(InvalidExtrinsicError, match="bad signature"):
         local_chain.submit(forged)
@@ -169,11 +171,15 @@ def test_full_chain_replaces_the_weakest_not_a_validator(tmp_path: Path) -> None
     assert chain.register(keys[3]) == 2  # Charlie (no permit, no stake) loses uid 2
     assert chain.uid_of(keys[2].ss58_address) is None
     assert chain.register(keys[4]) == 2  # now Dave is the weakest (no permit, no stake)
-    assert [n.hotkey for n in chain.metagraph()] == [k.ss58_address for k in (keys[0], keys[1], keys[4])]
+    assert [n.hotkey for n in chain.metagraph()] == [
+        k.ss58_address for k in (keys[0], keys[1], keys[4])
+    ]
     assert chain.register(keys[0]) == 0  # registering again is a no-op
 
 
-def test_malformed_commitment_in_the_database_is_skipped(local_chain: LocalChain, caplog: pytest.LogCaptureFixture) -> None:
+def test_malformed_commitment_in_the_database_is_skipped(
+    local_chain: LocalChain, caplog: pytest.LogCaptureFixture
+) -> None:
     alice, bob = dev_key("Alice"), dev_key("Bob")
     local_chain.register(alice)
     local_chain.register(bob)

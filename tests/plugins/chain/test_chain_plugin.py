@@ -71,7 +71,9 @@ def _cli(tmp_path: Path, *args: str) -> Any:
 
 
 def test_cli_register_and_status(tmp_path: Path) -> None:
-    first = _cli(tmp_path, "register", "--hotkey", "//Alice", "--stake", "100", "--validator", "--json")
+    first = _cli(
+        tmp_path, "register", "--hotkey", "//Alice", "--stake", "100", "--validator", "--json"
+    )
     assert first.exit_code == 0, first.output
     assert json.loads(first.output)["uid"] == 0
     second = _cli(tmp_path, "register", "--hotkey", "//Bob")
@@ -83,7 +85,10 @@ def test_cli_register_and_status(tmp_path: Path) -> None:
     data = json.loads(status.output)
     assert (data["block"], data["window"], data["next_window_block"]) == (12, 1, 20)
     assert data["seconds_to_next_window"] == pytest.approx(8 * 0.5)
-    assert [(n["uid"], n["stake"], n["validator_permit"]) for n in data["neurons"]] == [(0, 100.0, True), (1, 0.0, False)]
+    assert [(n["uid"], n["stake"], n["validator_permit"]) for n in data["neurons"]] == [
+        (0, 100.0, True),
+        (1, 0.0, False),
+    ]
     table = _cli(tmp_path, "status")
     assert table.exit_code == 0 and "metagraph (2 neurons)" in table.output
 
@@ -94,7 +99,15 @@ def test_cli_user_errors_exit_2(tmp_path: Path) -> None:
     runner = CliRunner()
     on_bittensor = runner.invoke(
         app,
-        ["register", "--hotkey", "//Alice", "--set", f"run.root={tmp_path}", "--set", "chain.name=bittensor"],
+        [
+            "register",
+            "--hotkey",
+            "//Alice",
+            "--set",
+            f"run.root={tmp_path}",
+            "--set",
+            "chain.name=bittensor",
+        ],
         env=_cli_env(),
     )
     assert on_bittensor.exit_code == 2 and "btcli" in on_bittensor.output

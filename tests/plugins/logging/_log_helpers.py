@@ -24,7 +24,9 @@ class Run:
         self.hook.covenant_run_started(
             config=self.session.config, run_dir=str(self.dir), versions=self.session.host.versions()
         )
-        self.hook.covenant_train_start(config=self.session.config, model=None, start_step=start_step)
+        self.hook.covenant_train_start(
+            config=self.session.config, model=None, start_step=start_step
+        )
 
     def log(self, kind: str, step: int, **metrics: Any) -> None:
         self.hook.covenant_log_metrics(metrics=metrics, step=step, kind=kind)

@@ -105,7 +105,9 @@ def test_live_bar_on_a_terminal() -> None:
     assert not view.disabled
 
 
-def test_live_bar_through_the_hooks(make_run: Callable[..., Run], capsys: pytest.CaptureFixture[str]) -> None:
+def test_live_bar_through_the_hooks(
+    make_run: Callable[..., Run], capsys: pytest.CaptureFixture[str]
+) -> None:
     run = make_run("console", overrides=["train.steps=3", "console.force_terminal=true"])
     run.start()
     for step in range(3):
@@ -126,7 +128,9 @@ def test_eval_table_tracks_the_best_and_keeps_recent_rows() -> None:
     assert view.evals[-1].ppl == pytest.approx(math.exp(2.7))
 
 
-def test_disabled_console_prints_nothing(make_run: Callable[..., Run], capsys: pytest.CaptureFixture[str]) -> None:
+def test_disabled_console_prints_nothing(
+    make_run: Callable[..., Run], capsys: pytest.CaptureFixture[str]
+) -> None:
     run = make_run("console", overrides=["console.enabled=false"])
     run.start()
     run.log("train", 0, loss=1.0)
@@ -157,8 +161,17 @@ def test_console_failure_is_contained(
     assert caplog.text.count("metrics consumer 'console' failed") == 1
 
 
-@pytest.mark.parametrize(("value", "text"), [(12.0, "12"), (12345.6, "12.3k"), (2.5e6, "2.5M"),
-                                             (3e9, "3.0G"), (None, "-"), (math.inf, "-")])
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (12.0, "12"),
+        (12345.6, "12.3k"),
+        (2.5e6, "2.5M"),
+        (3e9, "3.0G"),
+        (None, "-"),
+        (math.inf, "-"),
+    ],
+)
 def test_format_rate(value: float | None, text: str) -> None:
     assert format_rate(value) == text
 

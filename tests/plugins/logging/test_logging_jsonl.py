@@ -32,7 +32,11 @@ def test_hooks_write_one_line_per_call(make_run: Callable[..., Run]) -> None:
     assert json.loads(raw[0])["kind"] == "train"  # plain JSON, readable by anything
     records = read_metrics(path)
     assert [(r["kind"], r["step"]) for r in records] == [
-        ("train", 0), ("train", 1), ("train", 2), ("window", 0), ("eval", 2)
+        ("train", 0),
+        ("train", 1),
+        ("train", 2),
+        ("window", 0),
+        ("eval", 2),
     ]
     assert records[1]["loss"] == 2.0 and records[1]["tokens"] == 4096
     assert all(isinstance(r["time"], float) for r in records)
@@ -55,12 +59,27 @@ def test_non_finite_floats_are_strings_on_disk(make_run: Callable[..., Run]) -> 
 
 def test_scalars_and_reserved_names(tmp_path: Path) -> None:
     writer = JsonlWriter(tmp_path / "m.jsonl", clock=lambda: 12.5)
-    writer.write("score", 4, {"score": np.float32(0.5), "uid": np.int64(7), "step": 99,
-                              "nested": {"a": np.float64(math.nan)}})
+    writer.write(
+        "score",
+        4,
+        {
+            "score": np.float32(0.5),
+            "uid": np.int64(7),
+            "step": 99,
+            "nested": {"a": np.float64(math.nan)},
+        },
+    )
     writer.close()
     record = read_metrics(tmp_path / "m.jsonl", decode_nonfinite=False)[0]
-    assert record == {"kind": "score", "step": 4, "time": 12.5, "score": 0.5, "uid": 7,
-                      "metric_step": 99, "nested": {"a": "nan"}}
+    assert record == {
+        "kind": "score",
+        "step": 4,
+        "time": 12.5,
+        "score": 0.5,
+        "uid": 7,
+        "metric_step": 99,
+        "nested": {"a": "nan"},
+    }
 
 
 def test_append_mode_keeps_earlier_runs(make_run: Callable[..., Run]) -> None:
@@ -98,14 +117,18 @@ def test_reader_skips_a_torn_last_line(tmp_path: Path) -> None:
 
 def test_reader_refuses_damage_in_the_middle(tmp_path: Path) -> None:
     path = tmp_path / "m.jsonl"
-    path.write_text('{"kind":"train","step":0,"time":1.0}\n[1, 2]\n{"kind":"train","step":1,"time":2.0}\n')
+    path.write_text(
+        '{"kind":"train","step":0,"time":1.0}\n[1, 2]\n{"kind":"train","step":1,"time":2.0}\n'
+    )
     with pytest.raises(MetricsFileError, match=r"m\.jsonl:2: damaged metrics line"):
         read_metrics(path)
     with pytest.raises(MetricsFileError, match="not found"):
         read_metrics(tmp_path / "missing.jsonl")
 
 
-def test_writer_cuts_a_torn_tail_before_appending(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_writer_cuts_a_torn_tail_before_appending(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "m.jsonl"
     path.write_text('{"kind":"train","step":0,"time":1.0}\n{"kind":"tra')
     with caplog.at_level(logging.WARNING):
@@ -127,7 +150,9 @@ def test_complete_tail_without_newline_is_kept(tmp_path: Path) -> None:
     assert [r["step"] for r in read_metrics(path)] == [0, 1]
 
 
-def test_repair_finds_a_newline_beyond_one_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_repair_finds_a_newline_beyond_one_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(jsonl, "_TAIL_CHUNK", 8)
     path = tmp_path / "m.jsonl"
     path.write_text('{"kind":"train","step":0,"time":1.0}\n{"kind":"train","step":1,"ti')
@@ -145,7 +170,9 @@ def test_config_file_name_is_a_plain_name(make_run: Callable[..., Run]) -> None:
         make_run("jsonl", overrides=["jsonl.file='../escape.jsonl'"])
 
 
-def test_only_rank_zero_writes(make_run: Callable[..., Run], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_rank_zero_writes(
+    make_run: Callable[..., Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("RANK", "1")
     run = make_run("jsonl")
     run.start()
@@ -154,7 +181,9 @@ def test_only_rank_zero_writes(make_run: Callable[..., Run], monkeypatch: pytest
     assert not (run.dir / "metrics.jsonl").exists()
 
 
-def test_write_failure_is_contained(make_run: Callable[..., Run], caplog: pytest.LogCaptureFixture) -> None:
+def test_write_failure_is_contained(
+    make_run: Callable[..., Run], caplog: pytest.LogCaptureFixture
+) -> None:
     run = make_run("jsonl")
     run.start()
     run.log("train", 0, loss=1.0)
@@ -182,7 +211,9 @@ def test_write_failure_is_contained(make_run: Callable[..., Run], caplog: pytest
     assert [r["step"] for r in read_metrics(run.dir / "metrics.jsonl")] == [0]
 
 
-def test_unwritable_run_dir_is_contained(make_run: Callable[..., Run], caplog: pytest.LogCaptureFixture) -> None:
+def test_unwritable_run_dir_is_contained(
+    make_run: Callable[..., Run], caplog: pytest.LogCaptureFixture
+) -> None:
     run = make_run("jsonl")
     run.session.write_resolved()
     (run.dir / "metrics.jsonl").mkdir()  # a folder where the file should be

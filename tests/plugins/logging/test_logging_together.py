@@ -14,7 +14,9 @@ from covenant.plugins.logging.jsonl import read_metrics
 
 
 def test_a_failing_consumer_does_not_stop_the_others(
-    make_run: Callable[..., Run], capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    make_run: Callable[..., Run],
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # pluggy calls the last registered first: console runs before jsonl on every hook
     run = make_run("jsonl", "wandb", "console", overrides=["wandb.mode=disabled"])
@@ -35,7 +37,12 @@ def test_a_failing_consumer_does_not_stop_the_others(
     assert view.disabled
     assert caplog.text.count("metrics consumer 'console' failed") == 1
     records = read_metrics(run.dir / "metrics.jsonl")
-    assert [(r["kind"], r["step"]) for r in records] == [("train", 0), ("train", 1), ("train", 2), ("eval", 2)]
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("train", 0),
+        ("train", 1),
+        ("train", 2),
+        ("eval", 2),
+    ]
 
 
 def test_sections_are_owned_by_each_plugin(make_run: Callable[..., Run]) -> None:

@@ -48,7 +48,13 @@ def test_offline_run_lands_in_the_run_dir_and_nowhere_else(
     [log_file] = folder.glob("run-*.wandb")
     data = log_file.read_bytes()
     # the transaction log is protobuf; its strings are stored verbatim
-    for key in (b"train/loss", b"window/contributors", b"window/step", b"eval/val_loss", b"versions"):
+    for key in (
+        b"train/loss",
+        b"window/contributors",
+        b"window/step",
+        b"eval/val_loss",
+        b"versions",
+    ):
         assert key in data, key
     assert list(fake_home.iterdir()) == []
     assert not any(name in os.environ for name in WANDB_VARS)  # restored after the run
@@ -99,7 +105,9 @@ def test_only_rank_zero_logs(
 
 
 def test_init_failure_is_contained(
-    make_run: Callable[..., Run], fake_home: Path, monkeypatch: pytest.MonkeyPatch,
+    make_run: Callable[..., Run],
+    fake_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     import wandb
