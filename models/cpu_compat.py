@@ -143,7 +143,7 @@ def _with_cuda_type_names(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _cpu_rng_state(*args: Any, clone: bool = False, **kwargs: Any) -> torch.Tensor:
+def _cpu_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
     """``_get_cuda_rng_state`` on CPU: the CPU generator's state (already a copy)."""
     return torch.get_rng_state()
 
