@@ -2,7 +2,8 @@
 
 Layout under ``<run dir>/checkpoints/``::
 
-    step-000100/            one folder per checkpoint
+    step-000100/            one folder per checkpoint (a miner's: window-00000123/, written
+                            at the end of every window, after its outer step)
         meta.json           step counters, run id, model fingerprint, layout
         rank-00000.pt       each rank's model + optimizer state + RNG states
         weights/            the full weights: each rank's own pieces in safetensors plus an
@@ -90,6 +91,14 @@ class CheckpointMeta:
     model_fingerprint: str
     world_size: int
     format_version: int = FORMAT_VERSION
+    window: int | None = None  # a miner checkpoints at the end of every window
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's folder name (``window-…`` for a miner, ``step-…`` alone)."""
+        if self.window is not None:
+            return f"window-{self.window:08d}"
+        return f"step-{self.step:06d}"
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True)
@@ -136,7 +145,7 @@ class Checkpointer:
         ``write_extra(folder)`` runs on every rank inside the not-yet-published folder (the
         full, layout-independent weights go there), so a crash never publishes half of it.
         """
-        name = f"step-{meta.step:06d}"
+        name = meta.name
         final = self.root / name
         tmp = self.root / f".tmp-{name}"
         if self.rank == 0:
@@ -168,7 +177,7 @@ class Checkpointer:
             meta = CheckpointMeta(**raw)
         except (OSError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata: {exc}") from None
-        for field_name, what in (
+        for field_name, what in (  # the window and step may differ, nothing else
             ("run_id", "run"),
             ("model_fingerprint", "model preset/layout"),
             ("world_size", "world size"),
@@ -194,7 +203,8 @@ class Checkpointer:
         return meta, state
 
     def _prune(self, keep_name: str) -> None:
-        folders = sorted(p for p in self.root.glob("step-*") if p.is_dir())
-        for old in folders[: max(0, len(folders) - self.keep)]:
-            if old.name != keep_name:
-                shutil.rmtree(old, ignore_errors=True)
+        for pattern in ("step-*", "window-*"):
+            folders = sorted(p for p in self.root.glob(pattern) if p.is_dir())
+            for old in folders[: max(0, len(folders) - self.keep)]:
+                if old.name != keep_name:
+                    shutil.rmtree(old, ignore_errors=True)

@@ -2,7 +2,8 @@
 
 It is always loaded (it is not subject to the allow-list) and contributes only what every
 process needs whatever its role: ``[run]`` (identity and run directory) and ``[plugins]``
-(the allow-list itself, read before any plugin loads).
+(the allow-list itself, read before any plugin loads), ``[train]``, ``[outer]``
+(which outer step a miner runs) and ``[data]``.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ class PluginsConfig(BaseModel):
 def covenant_add_config_sections(register: Callable[[str, type[BaseModel]], None]) -> None:
     from covenant.engine.data.config import DataConfig
     from covenant.engine.schedule import TrainConfig
+    from covenant.engine.window import OuterConfig
 
     register("run", RunConfig)
     register("plugins", PluginsConfig)
     register("train", TrainConfig)
+    register("outer", OuterConfig)
     register("data", DataConfig)

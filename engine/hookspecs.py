@@ -38,13 +38,17 @@ if TYPE_CHECKING:
     from covenant.engine.config import Config
     from covenant.engine.protocols import (
         Chain,
+        Exchange,
         ModelRuntime,
         OuterStep,
         ParamShard,
+        Scorer,
         StepResult,
         Transport,
+        WeightsResult,
         WindowContext,
     )
+    from covenant.engine.services import Services
 
 PROJECT_NAME = "covenant"
 
@@ -170,11 +174,15 @@ def covenant_evaluate_end(step: int, metrics: Mapping[str, float]) -> None:
 
 
 @hookspec(firstresult=True)
-def covenant_outer_step(config: Config, name: str) -> OuterStep | None:
+def covenant_outer_step(config: Config, name: str, services: Services) -> OuterStep | None:
     """Provide the outer step called ``name`` (``sparseloco``, ``diloco``, ``ddp``...).
 
-    Called once per training process on every rank, when the configured outer step is not
-    ``"none"``. firstresult: return an :class:`OuterStep` if ``name`` is yours, else ``None``.
+    Called once per process on every rank: by a miner when ``[outer] name`` is not ``"none"``,
+    and by the validator (which applies each window's aggregate and evaluates single uploads
+    through the outer step's :class:`~covenant.engine.protocols.Codec`). ``services`` gives the
+    chain, the hotkey and storage (:class:`covenant.engine.services.Services`; use it lazily,
+    only global rank 0 does I/O). firstresult: return an :class:`OuterStep` if ``name`` is
+    yours, else ``None``.
     """
 
 
@@ -185,7 +193,9 @@ def covenant_window_start(ctx: WindowContext) -> None:
 
 @hookspec
 def covenant_window_end(ctx: WindowContext, metrics: Mapping[str, float]) -> None:
-    """A window closed and its outer step was applied (or skipped). Called on every rank."""
+    """A window closed and its outer step was applied (or skipped); ``metrics`` are the outer
+    step's (``applied``, ``peers``, ``bytes_up``...). Called on every rank, before the
+    end-of-window checkpoint."""
 
 
 # ============================================================================================
@@ -203,9 +213,27 @@ def covenant_transport(url: str, config: Config) -> Transport | None:
     """
 
 
+@hookspec(firstresult=True)
+def covenant_exchange(config: Config, services: Services) -> Exchange | None:
+    """Provide the run's signed records in storage (this process's bucket, peers' buckets
+    through their commitments, the lead validator's records).
+
+    Called once per process, on the rank that does I/O, the first time
+    :attr:`Services.exchange` is used. firstresult: the storage plugin provides the default.
+    """
+
+
 # ============================================================================================
 # Validation and scoring
 # ============================================================================================
+
+
+@hookspec(firstresult=True)
+def covenant_scorer(config: Config, services: Services, model: ModelRuntime) -> Scorer | None:
+    """Provide the validator's scorer (the ``gauntlet`` plugin by default).
+
+    Called once by ``covenant validate`` after the model is built. firstresult.
+    """
 
 
 @hookspec
@@ -225,6 +253,27 @@ def covenant_chain(config: Config) -> Chain | None:
 
     Called once per process that needs the chain (rank 0 of a peer, the validator, the CLI).
     firstresult: return a :class:`Chain` if the configured chain is yours, else ``None``.
+    """
+
+
+@hookspec(firstresult=True)
+def covenant_hotkey(config: Config) -> Any:
+    """Provide this process's signing hotkey (a ``bittensor.sp_core.Keypair``), or ``None``.
+
+    Called once per process through :attr:`Services.hotkey`. firstresult: the chain plugin
+    loads ``[chain] hotkey``.
+    """
+
+
+@hookspec(firstresult=True)
+def covenant_submit_weights(
+    window: int, weights: Mapping[int, float], services: Services, config: Config
+) -> WeightsResult | None:
+    """Turn the scorer's weights for ``window`` into chain weights (the ``reward`` plugin).
+
+    Called by the validator when weights are due. Return a ``WeightsResult`` (``ok`` False with
+    a reason is a recorded skip), or ``None`` if weights are not yours to set; never raise.
+    firstresult: a third party replaces the reward scheme by implementing this hook.
     """
 
 

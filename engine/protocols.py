@@ -11,7 +11,7 @@ from them, only to have the members. Values that cross them are frozen dataclass
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -139,6 +139,12 @@ class ModelRuntime(Protocol):
         """
         ...
 
+    def group(self, kind: str) -> Any:
+        """The ``torch.distributed`` process group of this rank's ``kind`` (``"tp"``, ``"pp"``,
+        ``"dp"``, ``"world"``), for plugins' own collectives; ``None`` when the peer runs as
+        one process. Every rank of that group must take part in a collective on it."""
+        ...
+
     def close(self) -> None:
         """Release process groups and buffers (idempotent)."""
         ...
@@ -203,6 +209,7 @@ class Neuron:
     hotkey: str  # ss58 address
     stake: float
     validator_permit: bool
+    incentive: float = 0.0  # share of the subnet's emission (0 where the chain does not say)
 
 
 @dataclass(frozen=True)
@@ -309,19 +316,267 @@ def window_start_block(window: int, blocks_per_window: int) -> int:
     return window * blocks_per_window
 
 
+def lead_validator(neurons: Sequence[Neuron]) -> Neuron | None:
+    """The highest-stake neuron holding a validator permit (ties: lower uid), or ``None``.
+
+    Its peer lists, aggregate records, ``start_window`` and checkpoints are the ones every miner
+    follows (SPEC sections 1 and 7).
+    """
+    permitted = [n for n in neurons if n.validator_permit]
+    if not permitted:
+        return None
+    return min(permitted, key=lambda n: (-n.stake, n.uid))
+
+
 # --------------------------------------------------------------------------------------------
-# Outer step (provided by sparseloco / diloco / ddp through ``covenant_outer_step``)
+# Signed records of a run (provided by the storage plugin through ``covenant_exchange``)
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """A data receipt: BLAKE2b-128 (hex) of the pool's ascending sample ids, and their count."""
+
+    hash: str
+    count: int
+
+
+@dataclass(frozen=True)
+class PeerList:
+    """A validator's peer list: whose uploads everyone aggregates, from ``first_window`` on.
+
+    ``gather`` peers are aggregated; ``reserve`` peers stand in, in order, for gather peers whose
+    upload is missing or unusable (at most ``len(gather)`` uploads are aggregated).
+    """
+
+    first_window: int
+    posted_window: int
+    gather: tuple[int, ...]
+    reserve: tuple[int, ...] = ()
+    validator: str = ""  # ss58 of the signer
+
+    @property
+    def uids(self) -> tuple[int, ...]:
+        return self.gather + self.reserve
+
+    def select(self, usable: Collection[int]) -> list[int]:
+        """The uploads to aggregate, ascending uid: every usable gather peer, and for each
+        unusable one the next usable reserve peer in list order (the same rule for miners, the
+        validator's aggregate record and a joiner's replay)."""
+        chosen = [u for u in self.gather if u in usable]
+        missing = len(self.gather) - len(chosen)
+        for uid in self.reserve:
+            if missing <= 0:
+                break
+            if uid in usable:
+                chosen.append(uid)
+                missing -= 1
+        return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class AggregateRecord:
+    """The lead validator's record of window ``window``: which uploads the aggregate holds.
+
+    ``uploads`` is ``(uid, sha256 of the payload)``, ascending uid; ``outer_step`` is
+    ``outer_step(window)``, the number of non-empty records in ``[start_window, window)``.
+    """
+
+    window: int
+    outer_step: int
+    uploads: tuple[tuple[int, str], ...]
+    validator: str = ""
+
+    @property
+    def empty(self) -> bool:
+        return not self.uploads
+
+    @property
+    def next_outer_step(self) -> int:
+        """``outer_step(window + 1)``."""
+        return self.outer_step + (0 if self.empty else 1)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A peer's verified upload for ``window``: signature, identity, timing and hash checked."""
+
+    uid: int
+    window: int
+    hotkey: str
+    payload: bytes = field(repr=False)
+    sha256: str = ""
+    modified: float = 0.0  # storage timestamp (seconds since the epoch)
+    codec: str = ""
+    receipt: Receipt | None = None
+
+
+@dataclass(frozen=True)
+class UploadRejection:
+    """Why a peer's upload for ``window`` was not usable (``reason`` is a short tag to record)."""
+
+    uid: int
+    window: int
+    reason: str
+    detail: str = ""
+
+
+FetchOutcome = Upload | UploadRejection
+
+
+@dataclass(frozen=True)
+class SyncSample:
+    """A peer's published parameter sample after applying ``window`` (SPEC section 6)."""
+
+    uid: int
+    window: int
+    values: Mapping[str, tuple[float, float]]
+
+
+@runtime_checkable
+class Exchange(Protocol):
+    """Everything a run keeps in object storage, signed and verified (SPEC sections 5, 6, 9).
+
+    Writes go to this process's own bucket, signed with its hotkey; reads of other peers' objects
+    go through read transports opened from their chain commitments, and return validated types
+    or a :class:`UploadRejection` (never an exception for bad peer data). ``lead`` reads (peer
+    lists, aggregate records, ``start_window``, checkpoints) come from the lead validator's
+    bucket (:func:`lead_validator`).
+    """
+
+    transport: Transport
+    upload_grace_s: float  # the upload interval is [t(start of w+1), + this] (whole seconds)
+
+    def upload_interval(self, window: int) -> tuple[int, int]:
+        """``window``'s upload interval in whole seconds of chain time, both ends inclusive."""
+        ...
+
+    def peer_transport(self, hotkey: str) -> Transport | None:
+        """A read transport for ``hotkey``'s bucket (from its commitment), or ``None``."""
+        ...
+
+    # -- miner writes
+    def put_gradient(
+        self,
+        window: int,
+        payload: bytes,
+        *,
+        codec: str,
+        receipt: Receipt | None = None,
+        sizes: Mapping[str, int] | None = None,
+    ) -> ObjectInfo: ...
+
+    def put_sync_sample(self, window: int, values: Mapping[str, Sequence[float]]) -> ObjectInfo: ...
+
+    # -- verified reads of peers' objects
+    def fetch_gradients(
+        self,
+        window: int,
+        uids: Sequence[int],
+        *,
+        max_bytes: int,
+        codec: str | None = None,
+        wait: bool = True,
+    ) -> Iterator[FetchOutcome]:
+        """Fetch and verify ``uids``' uploads for ``window`` (in completion order).
+
+        With ``wait`` a missing upload is polled for until the window's upload interval closes;
+        every uid yields exactly one outcome.
+        """
+        ...
+
+    def fetch_gradient_by_hash(
+        self, window: int, uid: int, sha256: str, *, max_bytes: int, codec: str | None = None
+    ) -> FetchOutcome:
+        """An upload named in an aggregate record, checked against its hash (no timing check)."""
+        ...
+
+    def fetch_sync_sample(self, window: int, uid: int) -> SyncSample | UploadRejection: ...
+
+    # -- the lead validator's records
+    def start_window(self) -> int | None: ...
+
+    def peer_list(self, window: int) -> PeerList | None:
+        """The lead validator's peer list in force at ``window`` (latest ``first_window <= window``)."""
+        ...
+
+    def aggregate_record(self, window: int) -> AggregateRecord | None: ...
+
+    # -- validator writes
+    def put_start_window(self, window: int) -> ObjectInfo: ...
+
+    def put_peer_list(self, peer_list: PeerList) -> ObjectInfo: ...
+
+    def put_aggregate_record(self, record: AggregateRecord) -> ObjectInfo: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Codec and outer step (provided by sparseloco / diloco / ddp through ``covenant_outer_step``)
+# --------------------------------------------------------------------------------------------
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+class PayloadRejected(CovenantError, ValueError):
+    """A peer's payload failed the codec's checks; ``reason`` is a short tag to record."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """How pseudo-gradients travel: the one place peer payload bytes are decoded.
+
+    ``shapes`` maps every global tensor name to its global shape; ``owned`` (optional) restricts
+    dense outputs to this rank's slices (a 72B peer never holds dense full tensors on one rank).
+    Every method raises :class:`PayloadRejected` for a bad payload, never anything else.
+    """
+
+    name: str  # recorded in manifests, e.g. "sparseloco/1"
+
+    def max_payload_bytes(self, shapes: Shapes) -> int:
+        """The largest valid payload for these shapes (the download cap, header excluded)."""
+        ...
+
+    def validate(self, payload: bytes, shapes: Shapes) -> None: ...
+
+    def decode(
+        self, payload: bytes, shapes: Shapes, owned: Sequence[ParamShard] | None = None
+    ) -> dict[str, torch.Tensor]: ...
+
+    def norms(self, payload: bytes, shapes: Shapes) -> dict[str, float]:
+        """Per tensor, the L2 norm of the decoded update (for median clipping)."""
+        ...
+
+    def aggregate(
+        self,
+        payloads: Sequence[bytes],
+        shapes: Shapes,
+        owned: Sequence[ParamShard] | None = None,
+    ) -> dict[str, torch.Tensor]: ...
+
+    def tile_indices(self, payload: bytes, shapes: Shapes) -> dict[str, Any]:
+        """Per tensor, an int array (tiles, k) of in-tile indices (copy detection); may be empty
+        for codecs without tiles."""
+        ...
 
 
 @dataclass
 class WindowContext:
-    """What the engine knows about the window being closed, handed to the outer step."""
+    """The window a peer is in, as every rank of the peer agrees on it.
+
+    ``outer_step`` is ``outer_step(window)``: the global inner step of inner step ``i`` is
+    ``outer_step * inner_steps + i`` (SPEC sections 1 and 3).
+    """
 
     window: int
     outer_step: int
     uid: int
     inner_steps: int
+    steps_done: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -329,16 +584,48 @@ class WindowContext:
 class OuterStep(Protocol):
     """Turns the end of an inner loop into a shared update (upload, gather, apply).
 
-    ``begin`` is called at the start of a window with the parameters the inner loop starts from;
-    ``end`` at the window boundary. ``end`` either commits on every rank of the peer or on none.
+    ``begin`` runs at the start of a window, before the first inner step (snapshot the weights);
+    ``end`` at the window boundary: it resets the weights to the snapshot, publishes this peer's
+    update, gathers the peers' and applies the aggregate, committing on every rank of the peer
+    or on none. ``apply`` applies given uploads to ``model`` (the validator and a catching-up
+    peer use it on the weights they hold). Every method is collective over the peer's ranks.
     """
 
     name: str
+    codec: Codec | None
 
-    def begin(self, ctx: WindowContext, params: Mapping[str, torch.Tensor]) -> None: ...
+    def alpha(self, outer_step: int) -> float:
+        """The outer learning rate at ``outer_step``."""
+        ...
 
-    def end(self, ctx: WindowContext, params: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Apply the outer step in place on ``params``; return metrics to log."""
+    def begin(self, ctx: WindowContext, model: ModelRuntime) -> None: ...
+
+    def end(self, ctx: WindowContext, model: ModelRuntime) -> dict[str, float]:
+        """Finish the window; return metrics to log (``applied`` 1/0, bytes, peers...)."""
+        ...
+
+    def apply(
+        self, ctx: WindowContext, model: ModelRuntime, uploads: Sequence[Upload]
+    ) -> dict[str, float]:
+        """Aggregate ``uploads`` and apply them to ``model``'s current weights (all ranks)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Scorer (provided by the gauntlet through ``covenant_scorer``)
+# --------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """The validator's per-window work: check, score, rate, weigh and publish (SPEC section 7)."""
+
+    def process_window(self, window: int) -> dict[str, float]:
+        """Process window ``window`` (its upload interval has closed); return metrics."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...

@@ -6,12 +6,13 @@ This is the one place that turns ``--config FILE --set ...`` into a ready :class
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from covenant.engine.config import (
     Config,
@@ -23,6 +24,9 @@ from covenant.engine.config import (
 )
 from covenant.engine.errors import ConfigError
 from covenant.engine.plugins import PluginHost
+
+if TYPE_CHECKING:
+    from covenant.engine.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,13 @@ class Session:
     @property
     def run_dir(self) -> Path:
         return Path(self.config.section("run").dir)
+
+    @functools.cached_property
+    def services(self) -> Services:
+        """Chain, hotkey, storage and records of this process, built once on first use."""
+        from covenant.engine.services import Services
+
+        return Services(self.config, self.hook)
 
     def register_text_sources(self) -> None:
         """Let plugins add text sources (``covenant_register_text_sources``) to the registry."""

@@ -390,6 +390,22 @@ class MegatronRuntime:
         out = self.model(tokens.to(self.device, torch.int64), None, None)  # [b, s, V/tp]
         return gather_from_tensor_model_parallel_region(out.float()).float()
 
+    def group(self, kind: str) -> Any:
+        """The process group of ``kind`` (``tp``, ``pp``, ``dp``, ``world``); ``None`` alone."""
+        if not dist.is_initialized() or self._coords.world == 1:
+            return None
+        from megatron.core import parallel_state as ps
+
+        groups = {
+            "tp": ps.get_tensor_model_parallel_group,
+            "pp": ps.get_pipeline_model_parallel_group,
+            "dp": ps.get_data_parallel_group,
+            "world": lambda: dist.group.WORLD,
+        }
+        if kind not in groups:
+            raise ValueError(f"unknown process group {kind!r} (tp, pp, dp, world)")
+        return groups[kind]()
+
     def close(self) -> None:
         """Tear down megatron's groups (and the process group if :mod:`parallel` made it)."""
         parallel.teardown()

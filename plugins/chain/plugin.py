@@ -51,6 +51,19 @@ def covenant_chain(config: Config) -> Chain | None:
 
 
 @hookimpl
+def covenant_hotkey(config: Config) -> Any:
+    """This process's signing key: ``[chain] hotkey`` (a dev URI, key file or wallet)."""
+    if not config.has("chain"):
+        return None
+    cfg = config.section("chain")
+    if not isinstance(cfg, ChainConfig) or cfg.hotkey is None:
+        return None
+    from covenant.engine.keys import load_hotkey
+
+    return load_hotkey(cfg.hotkey)
+
+
+@hookimpl
 def covenant_register_commands(register: Register) -> None:
     from covenant.plugins.chain.cli import app
 

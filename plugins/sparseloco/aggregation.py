@@ -46,23 +46,60 @@ def clip_factors(norms: Sequence[float], eps: float) -> list[float]:
     return [to_float32(min(1.0, med / (n + eps))) if math.isfinite(n) else 0.0 for n in norms]
 
 
+Box = tuple[tuple[int, ...], tuple[int, ...]]
+"""A rank's slice of a global tensor: ``(offsets, local_shape)`` (as a ``ParamShard`` has)."""
+
+
+def _box_select(
+    pos: torch.Tensor, vals: torch.Tensor, shape: Sequence[int], box: Box
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Keep the kept values inside ``box``; positions become row-major offsets in the box."""
+    offsets, local = tuple(box[0]), tuple(box[1])
+    shape = tuple(int(s) for s in shape)
+    if local == shape:
+        return pos, vals, math.prod(shape)
+    if len(shape) == 1:
+        lo = offsets[0]
+        keep = (pos >= lo) & (pos < lo + local[0])
+        return pos[keep] - lo, vals[keep], local[0]
+    if len(shape) != 2:
+        raise ValueError(f"owned slices of {len(shape)}-D tensors are not supported")
+    cols = shape[1]
+    r, c = torch.div(pos, cols, rounding_mode="floor"), pos % cols
+    (r0, c0), (lr, lc) = offsets, local
+    keep = (r >= r0) & (r < r0 + lr) & (c >= c0) & (c < c0 + lc)
+    return (r[keep] - r0) * lc + (c[keep] - c0), vals[keep], lr * lc
+
+
 def aggregate_parsed(
     parsed: Sequence[ParsedPayload],
     expected: Mapping[str, Sequence[int] | torch.Size],
     config: SparseLoCoConfig | None = None,
     device: torch.device | str = "cpu",
+    owned: Mapping[str, Box] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Aggregate already-parsed payloads (see :func:`covenant.plugins.sparseloco.aggregate`)."""
+    """Aggregate already-parsed payloads (see :func:`covenant.plugins.sparseloco.aggregate`).
+
+    With ``owned`` (global name -> ``(offsets, local_shape)``), only those tensors are produced,
+    and each only over its box: a rank of a sharded peer gets its own slices, never a dense full
+    tensor. The clip factors still come from each peer's whole tensor, and every coordinate sees
+    the same additions in the same order, so a slice equals the same slice of the full result
+    bit for bit.
+    """
     config = config or _DEFAULT
     out: dict[str, torch.Tensor] = {}
     if not parsed:
         return out
     n_peers = len(parsed)
     for name in sorted(expected):
+        if owned is not None and name not in owned:
+            continue
         holders = [i for i, p in enumerate(parsed) if name in p.entries]
         if not holders:
             continue
-        numel = math.prod(int(s) for s in expected[name])
+        shape = tuple(int(s) for s in expected[name])
+        box = owned[name] if owned is not None else ((0,) * len(shape), shape)
+        numel = math.prod(box[1])
         sparse: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i in holders:
             try:
@@ -82,6 +119,7 @@ def aggregate_parsed(
         )
         for i, f in zip(holders, factors, strict=True):
             pos, vals = sparse.pop(i)
+            pos, vals, _ = _box_select(pos, vals, shape, box)
             # index_add_ with unique positions per peer: one IEEE add per coordinate per peer,
             # in peer order, so the result is deterministic on every device.
             total.index_add_(0, pos, vals * torch.tensor(f, dtype=torch.float32, device=device))
@@ -100,7 +138,7 @@ def aggregate_parsed(
                 "sparseloco: skipping tensor %r, its aggregated update is not finite", name
             )
             continue
-        out[name] = result.reshape(tuple(int(s) for s in expected[name]))
+        out[name] = result.reshape(tuple(int(s) for s in box[1]))
     return out
 
 
@@ -109,6 +147,7 @@ def aggregate_payloads(
     expected: Mapping[str, Sequence[int] | torch.Size],
     config: SparseLoCoConfig | None = None,
     device: torch.device | str = "cpu",
+    owned: Mapping[str, Box] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Parse (framing, sizes, checksum, header, tables) every payload, then aggregate."""
     parsed = []
@@ -117,4 +156,4 @@ def aggregate_payloads(
             parsed.append(parse_payload(data, expected, config))
         except PayloadError as exc:
             raise exc.with_peer(i) from None
-    return aggregate_parsed(parsed, expected, config, device)
+    return aggregate_parsed(parsed, expected, config, device, owned)

@@ -70,9 +70,14 @@ def aggregate(
     expected: Shapes,
     config: SparseLoCoConfig | None = None,
     device: torch.device | str = "cpu",
+    owned: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Aggregate peers' payloads (in list order) into one dense update per tensor."""
-    return aggregate_payloads(payloads, expected, config, device)
+    """Aggregate peers' payloads (in list order) into one dense update per tensor.
+
+    ``owned`` (name -> ``(offsets, local_shape)``) restricts the result to a rank's slices;
+    each slice equals the same box of the full result bit for bit.
+    """
+    return aggregate_payloads(payloads, expected, config, device, owned)
 
 
 def tile_indices(

@@ -44,6 +44,11 @@ class StorageConfig(BaseModel):
     r2: bool = Field(
         False, description="Cloudflare R2: send checksums only when required (R2 rejects CRC32)"
     )
+    local_peers: bool = Field(
+        False,
+        description="accept peers' commitments naming a local store (file://, memory://) or a "
+        "loopback endpoint: the single-machine swarm and tests; never on a real network",
+    )
     max_object_bytes: int = Field(
         GiB, gt=0, description="cap for reads whose caller gives no exact cap (gradients do)"
     )

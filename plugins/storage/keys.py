@@ -9,6 +9,7 @@ All keys live under ``{run}/v{version}/`` so incompatible runs never read each o
     {run}/v{version}/aggregate/{window}          the lead validator's aggregate record
     {run}/v{version}/checkpoint/{window}/{name}  checkpoint files
     {run}/v{version}/checkpoint/latest
+    {run}/v{version}/scores/{window}/{uid}       a validator's signed score record
 
 :func:`validate_key` is the one gate every transport passes keys through: a key that could
 leave the transport's root (``..``, absolute, backslashes, empty parts) or hide among its
@@ -26,7 +27,7 @@ MAX_KEY_LENGTH = 1024  # S3's own limit on key length
 _PART = re.compile(r"^[A-Za-z0-9_=+-][A-Za-z0-9._=+-]*$")
 _RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as [run] id in the engine config
 
-KINDS = ("gradient", "debug", "peers", "aggregate", "checkpoint")
+KINDS = ("gradient", "debug", "peers", "aggregate", "checkpoint", "scores")
 
 
 def validate_key(key: object, *, allow_prefix: bool = False) -> str:
@@ -116,6 +117,9 @@ class RunKeys:
     def aggregate(self, window: int) -> str:
         return f"{self.prefix}aggregate/{_nonneg('window', window)}"
 
+    def scores(self, window: int, uid: int) -> str:
+        return f"{self.prefix}scores/{_nonneg('window', window)}/{_nonneg('uid', uid)}"
+
     def checkpoint(self, window: int, name: str) -> str:
         return validate_key(f"{self.prefix}checkpoint/{_nonneg('window', window)}/{name}")
 
@@ -131,7 +135,7 @@ class RunKeys:
         parts = key[len(head) :].split("/")
         if not all(p.isdigit() and p.isascii() for p in parts):
             return None
-        if kind in ("gradient", "debug") and len(parts) == 2:
+        if kind in ("gradient", "debug", "scores") and len(parts) == 2:
             return int(parts[0]), int(parts[1])
         if kind in ("peers", "aggregate") and len(parts) == 1:
             return int(parts[0]), None

@@ -3,7 +3,7 @@
 Every upload is **one object**: a short header, the signed manifest, then the payload::
 
     b"CVNT" | layout version (1 byte, = 1) | header length n (4 bytes, big-endian)
-    | n bytes: {"manifest": {...}, "signature": "0x<128 hex>"} (UTF-8 JSON, n <= 64 KiB)
+    | n bytes: {"manifest": {...}, "signature": "0x<128 hex>"} (canonical JSON, n <= 64 KiB)
     | payload
 
 One object rather than a payload plus a ``.manifest.json`` beside it, because then the payload
@@ -16,6 +16,13 @@ SHA-256 and size of the exact payload bytes. The signature (sr25519, ``bittensor
 over a domain tag plus the manifest's canonical JSON (sorted keys, no spaces, ASCII), so a
 manifest cannot be replayed for another window, uid, key or run without breaking it.
 
+The header is that same canonical JSON (:func:`covenant.engine.untrusted.canonical_json`), and
+:func:`unpack_object` accepts it only in exactly the form :func:`pack_object` writes, byte for
+byte: duplicate or reordered keys, spaces, a missing default, ``"format": true`` for ``1`` are all
+refused. Otherwise the bytes a reader acts on could differ from the bytes that were signed (the
+signature is checked on a re-serialisation of the parsed manifest), and two readers of one object
+could disagree about what it says.
+
 :func:`unpack_object` is the one place these bytes are parsed; it bounds every length before
 reading and raises :class:`~covenant.plugins.storage.errors.ManifestError` on anything odd.
 """
@@ -23,12 +30,12 @@ reading and raises :class:`~covenant.plugins.storage.errors.ManifestError` on an
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from covenant.engine.untrusted import UntrustedInputError, canonical_json, loads_canonical_json
 from covenant.plugins.storage.errors import ManifestError
 
 MAGIC = b"CVNT"
@@ -41,6 +48,20 @@ MANIFEST_FORMAT = 1
 _SS58 = r"^[1-9A-HJ-NP-Za-km-z]{46,48}$"
 _HEX64 = r"^[0-9a-f]{64}$"
 _SIG = r"^0x[0-9a-f]{128}$"
+_HEADER_DEPTH = 3  # {"manifest": {"sizes": {...}, "receipt": {...}}}
+
+
+class ManifestReceipt(BaseModel):
+    """The data receipt of a gradient upload (SPEC section 3): which samples the peer drew.
+
+    ``hash`` is BLAKE2b-128 (hex) of the ascending little-endian uint64 sample ids of the pool,
+    ``count`` their number; the validator recomputes both from ``(uid, window)``.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    hash: str = Field(pattern=r"^[0-9a-f]{32}$")
+    count: int = Field(ge=0, lt=1 << 40)
 
 
 class Manifest(BaseModel):
@@ -59,6 +80,9 @@ class Manifest(BaseModel):
     sha256: str = Field(pattern=_HEX64)
     size: int = Field(ge=0)
     sizes: dict[str, int] = Field(default_factory=dict, description="codec-specific byte counts")
+    receipt: ManifestReceipt | None = Field(
+        None, description="gradient uploads: the data receipt of the pool trained on"
+    )
 
     @field_validator("sizes")
     @classmethod
@@ -69,9 +93,7 @@ class Manifest(BaseModel):
 
     def canonical_bytes(self) -> bytes:
         """The exact bytes that are signed."""
-        return json.dumps(
-            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=True
-        ).encode("ascii")
+        return canonical_json(self.model_dump(mode="json"))
 
 
 class SignedManifest(BaseModel):
@@ -119,8 +141,8 @@ def verify_signature(manifest: Manifest, signature: str, ss58_address: str) -> b
 
 
 def pack_object(signed: SignedManifest, payload: bytes | memoryview) -> bytes:
-    """The stored object: prefix, signed-manifest header, payload."""
-    header = signed.model_dump_json().encode("utf-8")
+    """The stored object: prefix, signed-manifest header (canonical JSON), payload."""
+    header = canonical_json(signed.model_dump(mode="json"))
     return b"".join((_PREFIX.pack(MAGIC, LAYOUT_VERSION, len(header)), header, payload))
 
 
@@ -128,7 +150,8 @@ def unpack_object(data: bytes, max_header_bytes: int) -> tuple[SignedManifest, m
     """Split a stored object into its signed manifest and a zero-copy view of the payload.
 
     Raises :class:`ManifestError` if the prefix is wrong, the header is longer than
-    ``max_header_bytes`` or than the object, or the header is not a valid signed manifest.
+    ``max_header_bytes`` or than the object, or the header is not a valid signed manifest in
+    exactly the canonical form :func:`pack_object` writes.
     """
     if len(data) < PREFIX_BYTES:
         raise ManifestError(
@@ -146,11 +169,20 @@ def unpack_object(data: bytes, max_header_bytes: int) -> tuple[SignedManifest, m
     if PREFIX_BYTES + length > len(data):
         raise ManifestError(f"manifest header claims {length} bytes, object holds fewer")
     view = memoryview(data)
-    header = view[PREFIX_BYTES : PREFIX_BYTES + length]
+    header = bytes(view[PREFIX_BYTES : PREFIX_BYTES + length])
     try:
-        signed = SignedManifest.model_validate_json(bytes(header))
+        doc = loads_canonical_json(
+            header, what="manifest header", max_bytes=max_header_bytes, max_depth=_HEADER_DEPTH
+        )
+    except UntrustedInputError as exc:
+        raise ManifestError(f"manifest is invalid: {exc}") from None
+    try:
+        signed = SignedManifest.model_validate(doc)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "header"
         raise ManifestError(f"manifest is invalid: {where}: {first['msg']}") from None
+    # the model must dump back to exactly these bytes: no omitted default, no 'true' for 1
+    if canonical_json(signed.model_dump(mode="json")) != header:
+        raise ManifestError("manifest is invalid: header is not the canonical form of its fields")
     return signed, view[PREFIX_BYTES + length :]

@@ -1,7 +1,9 @@
 """The storage plugin's hook implementations (entry point ``storage``).
 
-Contributes the ``[storage]`` section and provides transports for ``file://``, ``memory://`` and
-``s3://`` URLs (and the empty URL, meaning the run's embedded ``file://<run dir>/storage``).
+Contributes the ``[storage]`` section, provides transports for ``file://``, ``memory://`` and
+``s3://`` URLs (and the empty URL, meaning the run's embedded ``file://<run dir>/storage``), and
+the run's :class:`~covenant.engine.protocols.Exchange` (signed uploads, sync samples, peer lists,
+aggregate records, score records, checkpoints).
 Heavy imports (fsspec, s3fs) happen inside the hooks so the CLI starts fast.
 """
 
@@ -18,6 +20,8 @@ from covenant.plugins.storage.config import StorageConfig
 
 if TYPE_CHECKING:
     from covenant.engine.config import Config
+    from covenant.engine.services import Services
+    from covenant.plugins.storage.run_exchange import StorageExchange
     from covenant.plugins.storage.transport import FsspecTransport
 
 HANDLED_SCHEMES = ("file", "memory", "s3")
@@ -47,6 +51,16 @@ def covenant_transport(url: str, config: Config) -> FsspecTransport | None:
     cfg = config.typed("storage", StorageConfig) if config.has("storage") else StorageConfig()
     run_dir: Any = Path(config.section("run").dir) if config.has("run") else None
     return open_transport(url, cfg, run_dir=run_dir)
+
+
+@hookimpl
+def covenant_exchange(config: Config, services: Services) -> StorageExchange | None:
+    """The run's signed records in this process's bucket and the peers' (``Services.exchange``)."""
+    if not config.has("storage"):
+        return None
+    from covenant.plugins.storage.run_exchange import StorageExchange
+
+    return StorageExchange.from_config(config, services)
 
 
 @hookimpl

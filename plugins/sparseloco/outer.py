@@ -1,0 +1,556 @@
+"""The SparseLoCo outer step of a miner, and the codec the validator checks payloads with.
+
+One window, on every rank of the peer (SPEC section 4; docs/sparseloco.md "The outer step")::
+
+    begin:  theta_start <- this rank's shards (optionally kept on the host)
+    end:    delta = theta_start - theta;  e <- beta*e + delta;  piece = top-k + 2-bit(e);
+            e <- e - decode(piece);  theta <- theta_start
+            pieces -> rank 0 -> payload (same bytes as a TP=1 peer's) -> wait for the window's end
+            -> signed upload with the data receipt -> the peer list in force -> fetch the listed
+            peers' uploads (iter_fetch, inside the upload interval) -> verify, validate
+            -> the chosen payloads reach every rank -> each rank aggregates only its own slices
+            -> all ranks agree (all finite, nothing failed) -> theta <- theta_start - alpha*update
+            -> reload the optimizer's copy -> sync sample debug/{w}/{uid}
+    no aggregate (no peer list, nothing usable, or a failure on any rank): nothing is applied,
+    the error buffer is zeroed, and the reason is logged and returned in the window's metrics.
+
+Only global rank 0 does I/O (services: chain, hotkey, storage); the other ranks receive its
+decisions and the chosen payload bytes through collectives. The payload bytes received from
+peers are untrusted until :class:`SparseLoCoCodec` has validated them on rank 0; every rank
+still decodes them through the same checked parser.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from covenant.engine.protocols import (
+    ModelRuntime,
+    ParamShard,
+    PayloadRejected,
+    Shapes,
+    Upload,
+    UploadRejection,
+    WindowContext,
+)
+from covenant.engine.window import OuterConfig, alpha_at
+from covenant.plugins.sparseloco.aggregation import aggregate_payloads, exact_norm
+from covenant.plugins.sparseloco.codec import TensorPiece, compress_steps, merge
+from covenant.plugins.sparseloco.config import SparseLoCoConfig
+from covenant.plugins.sparseloco.errors import AggregationError, PayloadError
+from covenant.plugins.sparseloco.wire import (
+    ParsedPayload,
+    expected_payload_size,
+    pack_payload,
+    parse_payload,
+)
+
+if TYPE_CHECKING:
+    from covenant.engine.services import Services
+
+log = logging.getLogger(__name__)
+
+SYNC_POSITIONS = (10, 11)  # SPEC section 6: flat positions of every tensor with >= 12 elements
+
+
+def _reason(exc: PayloadError) -> str:
+    """A short tag for a codec error (what the validator records)."""
+    name = type(exc).__name__.removeprefix("Payload").removesuffix("Error").lower()
+    return f"payload_{name}" if name else "payload_invalid"
+
+
+def boxes_of(owned: Sequence[ParamShard]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    return {s.name: (tuple(s.offsets), tuple(s.local_shape)) for s in owned}
+
+
+class SparseLoCoCodec:
+    """The :class:`covenant.engine.protocols.Codec` of SparseLoCo payloads (wire format v1)."""
+
+    name = "sparseloco/1"
+
+    def __init__(self, config: SparseLoCoConfig | None = None) -> None:
+        self.config = config or SparseLoCoConfig()
+
+    def _parse(self, payload: bytes, shapes: Shapes) -> ParsedPayload:
+        try:
+            return parse_payload(payload, shapes, self.config)
+        except PayloadError as exc:
+            raise PayloadRejected(_reason(exc), str(exc)) from None
+
+    def max_payload_bytes(self, shapes: Shapes) -> int:
+        return expected_payload_size(shapes, self.config)
+
+    def validate(self, payload: bytes, shapes: Shapes) -> None:
+        parsed = self._parse(payload, shapes)
+        try:
+            parsed.validate()
+        except PayloadError as exc:
+            raise PayloadRejected(_reason(exc), str(exc)) from None
+
+    def decode(
+        self, payload: bytes, shapes: Shapes, owned: Sequence[ParamShard] | None = None
+    ) -> dict[str, torch.Tensor]:
+        parsed = self._parse(payload, shapes)
+        boxes = boxes_of(owned) if owned is not None else None
+        out: dict[str, torch.Tensor] = {}
+        try:
+            for name in parsed.entries:
+                if boxes is not None and name not in boxes:
+                    continue
+                dense = parsed.dense(name)
+                if boxes is not None:
+                    (o, n) = boxes[name]
+                    dense = dense[tuple(slice(a, a + b) for a, b in zip(o, n, strict=True))]
+                out[name] = dense
+        except PayloadError as exc:
+            raise PayloadRejected(_reason(exc), str(exc)) from None
+        return out
+
+    def norms(self, payload: bytes, shapes: Shapes) -> dict[str, float]:
+        parsed = self._parse(payload, shapes)
+        try:
+            return {name: exact_norm(parsed.values(name)) for name in parsed.entries}
+        except PayloadError as exc:
+            raise PayloadRejected(_reason(exc), str(exc)) from None
+
+    def aggregate(
+        self,
+        payloads: Sequence[bytes],
+        shapes: Shapes,
+        owned: Sequence[ParamShard] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        boxes = boxes_of(owned) if owned is not None else None
+        try:
+            return aggregate_payloads(payloads, shapes, self.config, owned=boxes)
+        except PayloadError as exc:
+            raise PayloadRejected(_reason(exc), str(exc)) from None
+        except AggregationError as exc:
+            raise PayloadRejected("nonfinite_aggregate", str(exc)) from None
+
+    def tile_indices(self, payload: bytes, shapes: Shapes) -> dict[str, Any]:
+        parsed = self._parse(payload, shapes)
+        try:
+            return {name: parsed.indices(name).numpy() for name in parsed.entries}
+        except PayloadError as exc:
+            raise PayloadRejected(_reason(exc), str(exc)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Collectives of one peer (no-ops for a single process)
+# --------------------------------------------------------------------------------------------
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if _world() > 1 else 0
+
+
+def _broadcast_obj(value: Any) -> Any:
+    """Rank 0's small, locally made value on every rank (never peer bytes: see _broadcast_bytes)."""
+    if _world() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _broadcast_bytes(blobs: list[bytes] | None, sizes: list[int]) -> list[bytes]:
+    """Rank 0's byte strings on every rank, as raw uint8 tensors (nothing is unpickled)."""
+    if _world() == 1:
+        return list(blobs or [])
+    out = []
+    for i, n in enumerate(sizes):
+        buf = (
+            torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8)
+            if _rank() == 0 and blobs is not None
+            else torch.empty(n, dtype=torch.uint8)
+        )
+        dist.broadcast(buf, src=0)
+        out.append(buf.numpy().tobytes())
+    return out
+
+
+def _all_ok(ok: bool) -> bool:
+    """True on every rank iff ``ok`` is true on every rank."""
+    if _world() == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _gather_to_rank0(value: Any) -> list[Any] | None:
+    """Every rank's ``value`` (locally made) on rank 0, ``None`` elsewhere."""
+    if _world() == 1:
+        return [value]
+    got: list[Any] | None = [None] * _world() if _rank() == 0 else None
+    dist.gather_object(value, got, dst=0)
+    return got
+
+
+# --------------------------------------------------------------------------------------------
+# The outer step
+# --------------------------------------------------------------------------------------------
+
+
+class SparseLoCoOuterStep:
+    """The miner's SparseLoCo outer step (see the module docstring); an ``OuterStep``."""
+
+    name = "sparseloco"
+
+    def __init__(
+        self,
+        config: SparseLoCoConfig,
+        outer: OuterConfig,
+        services: Services | None,
+    ) -> None:
+        self.config = config
+        self.outer = outer
+        self.services = services  # used on global rank 0 only
+        self.codec = SparseLoCoCodec(config)
+        self.errors: dict[str, torch.Tensor] = {}
+        self.start: dict[str, torch.Tensor] = {}
+        self._shards: dict[str, ParamShard] | None = None
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def alpha(self, outer_step: int) -> float:
+        return alpha_at(outer_step, self.outer)
+
+    def shapes(self, model: ModelRuntime) -> dict[str, tuple[int, ...]]:
+        """Global name -> global shape of every tensor of the peer (collective once)."""
+        if self._shapes is None:
+            self._shards = {s.name: s for s in model.layout()}
+            mine = sorted((s.name, tuple(s.global_shape)) for s in self._shards.values())
+            everyone = _gather_to_rank0(mine)
+            merged = dict(x for part in everyone for x in part) if everyone is not None else {}
+            self._shapes = dict(sorted(_broadcast_obj(merged).items()))
+        return self._shapes
+
+    def _layout(self, model: ModelRuntime) -> dict[str, ParamShard]:
+        self.shapes(model)
+        assert self._shards is not None
+        return self._shards
+
+    def _contributes(self, model: ModelRuntime, shard: ParamShard) -> bool:
+        """Whether this rank's copy of ``shard`` goes into the peer's upload (one copy each)."""
+        par = model.parallel
+        return par.dp_rank == 0 and (not shard.replicated_over_tp or par.tp_rank == 0)
+
+    # -- the window ---------------------------------------------------------------------------
+
+    def begin(self, ctx: WindowContext, model: ModelRuntime) -> None:
+        shards = self._layout(model)
+        device = torch.device("cpu") if self.outer.snapshot_on_cpu else None
+        self.start = {}
+        for name, param in model.local_parameters().items():
+            self.start[name] = param.detach().to(device or param.device, torch.float32, copy=True)
+            if name not in self.errors:
+                self.errors[name] = torch.zeros(
+                    shards[name].local_shape, dtype=torch.float32, device=param.device
+                )
+
+    def end(self, ctx: WindowContext, model: ModelRuntime) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        shards = self._layout(model)
+        shapes = self.shapes(model)
+        params = model.local_parameters()
+        alpha = self.alpha(ctx.outer_step)
+        # 1. pseudo-gradient, error feedback, top-k + 2-bit, residual (every rank, own shards)
+        with torch.no_grad():
+            deltas = {
+                n: self.start[n].to(p.device) - p.detach().to(torch.float32)
+                for n, p in params.items()
+            }
+            errors = {n: self.errors[n].to(p.device) for n, p in params.items()}
+            pieces, self.errors = compress_steps(
+                errors,
+                deltas,
+                self.config,
+                outer_lr=alpha,
+                shapes={n: shards[n].global_shape for n in params},
+                offsets={n: shards[n].offsets for n in params},
+                reduce=_tp_reduce(model),
+            )
+            del deltas, errors
+            # 2. theta <- theta_start (the aggregate, if any, is applied on top of it)
+            for n, p in params.items():
+                p.copy_(self.start[n].to(p.device, p.dtype))
+        encode_s = time.perf_counter() - t0
+        # 3. one copy of every tile reaches rank 0, which uploads and gathers
+        mine = [_to_cpu(pieces[n]) for n in sorted(pieces) if self._contributes(model, shards[n])]
+        everyone = _gather_to_rank0(mine)
+        blobs: list[bytes] | None = None
+        plan: dict[str, Any] | None = None
+        if _rank() == 0:
+            try:
+                plan = self._exchange(ctx, everyone, shapes)
+            except Exception as exc:  # rank 0's I/O failed: every rank must still move on
+                log.warning("window %d: exchange failed: %s", ctx.window, exc, exc_info=True)
+                plan = {"skip_reason": f"exchange failed: {exc}", "sizes": []}
+            blobs = plan.pop("blobs", [])
+        plan = _broadcast_obj(plan)  # small and made here; the payload bytes travel raw below
+        assert plan is not None
+        payloads = _broadcast_bytes(blobs, plan["sizes"])
+        metrics: dict[str, Any] = {k: v for k, v in plan.items() if k != "sizes"}
+        metrics["encode_s"] = encode_s
+        # 4. every rank aggregates its own slices; the apply commits on all ranks or on none
+        t1 = time.perf_counter()
+        update: dict[str, torch.Tensor] = {}
+        reason = plan.get("skip_reason", "")
+        if payloads:
+            try:
+                update = self.codec.aggregate(payloads, shapes, owned=list(shards.values()))
+            except Exception as exc:  # any failure on any rank: every rank skips
+                reason = f"aggregate failed on rank {_rank()}: {exc}"
+                log.warning("outer step: %s", reason)
+                update = {}
+        ok = _all_ok(bool(update) and not reason)
+        if ok:
+            with torch.no_grad():
+                for n, p in params.items():
+                    if n in update:
+                        new = self.start[n].to(p.device) - alpha * update[n].to(p.device)
+                        p.copy_(new.to(p.dtype))
+            model.reload_params()
+        else:
+            reason = reason or plan.get("skip_reason", "") or "a rank failed to aggregate"
+            for e in self.errors.values():
+                e.zero_()
+            if payloads:
+                log.warning("window %d: nothing applied (%s)", ctx.window, reason)
+        metrics["applied"] = 1.0 if ok else 0.0
+        metrics["alpha"] = alpha
+        if not ok:
+            metrics["skip_reason"] = reason
+        metrics["apply_s"] = time.perf_counter() - t1
+        # 5. the sync sample after applying this window
+        sample = _gather_to_rank0(self._sync_values(model, params, shards))
+        if _rank() == 0 and sample is not None and self.services is not None:
+            values = {k: v for part in sample for k, v in part.items()}
+            try:
+                self.services.exchange.put_sync_sample(ctx.window, _pairs(values))
+            except Exception as exc:  # a failed sync upload costs sync score, not the window
+                log.warning("window %d: sync sample upload failed: %s", ctx.window, exc)
+        self.start = {}
+        return metrics
+
+    def _exchange(
+        self, ctx: WindowContext, everyone: list[Any] | None, shapes: Mapping[str, tuple[int, ...]]
+    ) -> dict[str, Any]:
+        """Rank 0: pack, upload at the window's end, gather the listed peers; returns the plan."""
+        assert self.services is not None and everyone is not None
+        services = self.services
+        exchange, chain = services.exchange, services.chain
+        pieces = [p for part in everyone for p in part]
+        payload = pack_payload(merge(pieces), self.config)
+        out: dict[str, Any] = {
+            "bytes_up": float(len(payload)),
+            "bytes_dense": float(4 * sum(math.prod(s) for s in shapes.values())),
+        }
+        t0 = time.perf_counter()
+        chain.wait_for_block((ctx.window + 1) * chain.blocks_per_window)
+        out["wait_s"] = time.perf_counter() - t0
+        _lo, hi = exchange.upload_interval(ctx.window)
+        now = chain.block_timestamp(int(chain.block()))
+        t1 = time.perf_counter()
+        if now > hi:
+            log.warning(
+                "window %d: upload interval closed before the upload; not uploading", ctx.window
+            )
+            out["uploaded"] = 0.0
+        else:
+            try:
+                exchange.put_gradient(
+                    ctx.window,
+                    payload,
+                    codec=self.codec.name,
+                    receipt=ctx.extras.get("receipt"),
+                    sizes={"payload": len(payload)},
+                )
+                out["uploaded"] = 1.0
+            except Exception as exc:  # a failed PUT is an error for this window, not the run
+                log.warning("window %d: upload failed: %s", ctx.window, exc)
+                out["uploaded"] = 0.0
+        out["upload_s"] = time.perf_counter() - t1
+        return self._gather(ctx.window, shapes, out)
+
+    def _gather(
+        self, window: int, shapes: Mapping[str, tuple[int, ...]], out: dict[str, Any]
+    ) -> dict[str, Any]:
+        assert self.services is not None
+        exchange = self.services.exchange
+        t0 = time.perf_counter()
+        peers = exchange.peer_list(window)
+        out.update({"peers": 0.0, "rejected": 0.0, "bytes_down": 0.0, "sizes": []})
+        if peers is None or not peers.gather:
+            out["skip_reason"] = "no peer list in force"
+            out["gather_s"] = time.perf_counter() - t0
+            return out
+        cap = self.codec.max_payload_bytes(shapes)
+        usable: dict[int, Upload] = {}
+        rejected: dict[int, str] = {}
+        for outcome in exchange.fetch_gradients(
+            window, peers.uids, max_bytes=cap, codec=self.codec.name
+        ):
+            if isinstance(outcome, UploadRejection):
+                rejected[outcome.uid] = outcome.reason
+                continue
+            try:
+                self.codec.validate(outcome.payload, shapes)
+            except PayloadRejected as exc:
+                rejected[outcome.uid] = exc.reason
+                continue
+            usable[outcome.uid] = outcome
+        chosen = peers.select(usable)
+        out["peers"] = float(len(chosen))
+        out["rejected"] = float(sum(1 for u in peers.gather if u in rejected))
+        out["gathered"] = ",".join(str(u) for u in chosen)
+        if rejected:
+            log.info(
+                "window %d: unusable uploads: %s",
+                window,
+                ", ".join(f"{u}:{r}" for u, r in sorted(rejected.items())),
+            )
+        if not chosen:
+            out["skip_reason"] = "no usable upload from the peer list"
+        blobs = [usable[u].payload for u in chosen]
+        out["blobs"] = blobs
+        out["sizes"] = [len(b) for b in blobs]
+        out["bytes_down"] = float(sum(out["sizes"]))
+        out["gather_s"] = time.perf_counter() - t0
+        return out
+
+    # -- applying given uploads (validator, catch-up) ----------------------------------------
+
+    def apply(
+        self, ctx: WindowContext, model: ModelRuntime, uploads: Sequence[Upload]
+    ) -> dict[str, Any]:
+        """Aggregate ``uploads`` (rank 0's list; ascending uid) and apply them to the current
+        weights: ``theta <- theta - alpha * update``. Collective; all ranks or none."""
+        shards = self._layout(model)
+        shapes = self.shapes(model)
+        alpha = self.alpha(ctx.outer_step)
+        blobs = [u.payload for u in sorted(uploads, key=lambda u: u.uid)] if _rank() == 0 else None
+        sizes = _broadcast_obj([len(b) for b in blobs] if blobs is not None else None)
+        payloads = _broadcast_bytes(blobs, sizes)
+        update: dict[str, torch.Tensor] = {}
+        reason = ""
+        if payloads:
+            try:
+                update = self.codec.aggregate(payloads, shapes, owned=list(shards.values()))
+            except Exception as exc:
+                reason = f"aggregate failed on rank {_rank()}: {exc}"
+        ok = _all_ok(bool(update) and not reason)
+        if ok:
+            with torch.no_grad():
+                for n, p in model.local_parameters().items():
+                    if n in update:
+                        p.copy_((p.detach().float() - alpha * update[n].to(p.device)).to(p.dtype))
+            model.reload_params()
+        out: dict[str, Any] = {"applied": 1.0 if ok else 0.0, "peers": float(len(payloads))}
+        if not ok:
+            out["skip_reason"] = reason or "no uploads"
+        return out
+
+    # -- sync sample ----------------------------------------------------------------------------
+
+    def _sync_values(
+        self,
+        model: ModelRuntime,
+        params: Mapping[str, torch.Tensor],
+        shards: Mapping[str, ParamShard],
+    ) -> dict[str, dict[int, float]]:
+        out: dict[str, dict[int, float]] = {}
+        for name, p in params.items():
+            shard = shards[name]
+            if not self._contributes(model, shard) or math.prod(shard.global_shape) < 12:
+                continue
+            for pos in SYNC_POSITIONS:
+                local = _local_index(shard, pos)
+                if local is not None:
+                    out.setdefault(name, {})[pos] = float(p.detach()[local])
+        return out
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": 1, "errors": {n: e.detach().cpu() for n, e in self.errors.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("format") != 1:
+            raise ValueError(f"unknown sparseloco state format {state.get('format')!r}")
+        self.errors = {n: t.to(torch.float32) for n, t in state["errors"].items()}
+
+
+def sync_positions(shard: ParamShard) -> dict[int, tuple[int, ...]]:
+    """The local indices of the global flat sync positions this shard owns."""
+    out = {}
+    for pos in SYNC_POSITIONS:
+        local = _local_index(shard, pos)
+        if local is not None:
+            out[pos] = local
+    return out
+
+
+def _local_index(shard: ParamShard, pos: int) -> tuple[int, ...] | None:
+    shape = shard.global_shape
+    idx: tuple[int, ...]
+    if len(shape) == 1:
+        idx = (pos,)
+    elif len(shape) == 2:
+        idx = divmod(pos, shape[1])
+    else:
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(pos), shape))
+    local = tuple(i - o for i, o in zip(idx, shard.offsets, strict=True))
+    if all(0 <= x < n for x, n in zip(local, shard.local_shape, strict=True)):
+        return local
+    return None
+
+
+def _pairs(values: Mapping[str, Mapping[int, float]]) -> dict[str, list[float]]:
+    return {n: [v[10], v[11]] for n, v in values.items() if 10 in v and 11 in v}
+
+
+def _to_cpu(piece: TensorPiece) -> TensorPiece:
+    def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().cpu()
+
+    return TensorPiece(
+        piece.name,
+        piece.geometry,
+        piece.k,
+        piece.block,
+        cpu(piece.indices),  # type: ignore[arg-type]
+        cpu(piece.codes),
+        cpu(piece.values),
+        piece.table,
+        piece.quantizer,
+    )
+
+
+def _tp_reduce(model: ModelRuntime) -> Any:
+    """Sum an int64 vector over this rank's TP group (the codec's three statistics rounds)."""
+    if model.parallel.tp == 1:
+        return None
+    group = model.group("tp")
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=group)
+        return t
+
+    return reduce
+
+
+__all__ = ["SparseLoCoCodec", "SparseLoCoOuterStep", "sync_positions"]
