@@ -624,6 +624,12 @@ class OuterStep(Protocol):
 class Scorer(Protocol):
     """The validator's per-window work: check, score, rate, weigh and publish (SPEC section 7)."""
 
+    def first_window(self, last: int | None) -> int:
+        """The first window to process: ``last + 1`` after a restart (``last`` is the last one
+        saved), else where the run stands (the lead validator publishes ``start_window`` and
+        its first peer list here)."""
+        ...
+
     def process_window(self, window: int) -> dict[str, float]:
         """Process window ``window`` (its upload interval has closed); return metrics."""
         ...

@@ -161,11 +161,11 @@ def _mount_optional_apps() -> None:
 
 
 def _mount_train() -> None:
-    try:
-        from covenant.engine.cli.train import register as register_train
-    except ImportError:  # pragma: no cover
-        return
+    from covenant.engine.cli.train import register as register_train
+    from covenant.engine.cli.validate import register as register_validate
+
     register_train(app)
+    register_validate(app)
 
 
 def _allow_list_from_argv(argv: list[str]) -> list[str] | None:
@@ -259,8 +259,45 @@ def _configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a supervisor, torchrun, ``kill``) stops like Ctrl-C: the loop's ``finally``
+    runs, plugins get ``covenant_shutdown("interrupted")``, and nothing is left half-written."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (embedded use): leave the default
+        pass
+
+
+def _usage_error(exc: Exception) -> None:
+    """Show a command-line usage error (a bad flag or value) the way click does, exit 2."""
+    show = getattr(exc, "show", None)
+    if callable(show):
+        show()
+    else:  # pragma: no cover - every click/typer usage error has show()
+        fail(CovenantError(str(exc)))
+    sys.exit(2)
+
+
+def _bad_call_arguments(exc: TypeError) -> bool:
+    """Whether ``exc`` is a benchmark refusing the ``--opt`` names it was called with.
+
+    ``bench`` passes ``--opt key=value`` pairs as keyword arguments; an unknown key makes the
+    call itself raise TypeError, so the innermost frame is ``bench_cmd``'s own. A TypeError from
+    inside a benchmark (a bug) has deeper frames and keeps its traceback.
+    """
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code is bench_cmd.__code__
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point: a user error is one red line and exit 2, never a traceback."""
     _configure_logging()
     try:
         command = typer.main.get_command(build_app(argv))
@@ -270,10 +307,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(rc)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(2)
-    except click.exceptions.Abort:
+    # typer vendors its own click: its usage errors (a bad --steps value, a missing option)
+    # are typer.TyperException, not click.ClickException
+    except (click.ClickException, typer.TyperException) as exc:
+        _usage_error(exc)
+    except (click.exceptions.Abort, typer.Abort):
         err.print("aborted")
         sys.exit(130)
     except KeyboardInterrupt:
@@ -281,6 +319,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except CovenantError as exc:
         sys.exit(fail(exc).exit_code)
+    except TypeError as exc:
+        if not _bad_call_arguments(exc):
+            raise
+        sys.exit(fail(CovenantError(f"bench: {exc} (see the benchmark's options)")).exit_code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,1 @@
+"""The reward plugin: turns the validator's weights into chain weights (SPEC section 7)."""
