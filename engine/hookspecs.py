@@ -191,6 +191,37 @@ def covenant_window_start(ctx: WindowContext) -> None:
     """A window's inner loop starts. Called on every rank, after the outer step's ``begin``."""
 
 
+@hookspec(firstresult=True)
+def covenant_sample_uid(ctx: WindowContext) -> int | None:
+    """Whose samples this peer trains on in ``ctx``'s window (default: its own uid).
+
+    Called on every rank at the start of each window (all ranks must answer alike). The data
+    receipt in the upload always names the peer's *assigned* pool, so a plugin that returns
+    another uid (the ``adversaries`` plugin's wrong-data peer) trains on data the validator's
+    own-versus-random test does not credit. firstresult; ``None`` = the peer's own uid.
+    """
+
+
+@hookspec(firstresult=True)
+def covenant_payload(ctx: WindowContext, payload: bytes, services: Services) -> bytes | None:
+    """The payload this peer is about to upload for ``ctx.window`` (global rank 0 only).
+
+    Called after the window has ended and before the signed upload. Return replacement bytes to
+    upload instead, ``b""`` to upload nothing (the plugin uploaded itself, or wants no upload),
+    or ``None`` to leave it. Used by tests and by the ``adversaries`` plugin (copier, noise,
+    invalid, late, forged peers); an honest miner has no implementation. firstresult.
+    """
+
+
+@hookspec(firstresult=True)
+def covenant_apply_aggregate(ctx: WindowContext) -> bool | None:
+    """Whether to apply this window's aggregate (``False``: keep theta_start, a stale peer).
+
+    Called on every rank (all must answer alike) before the outer step applies. firstresult;
+    ``None`` = apply.
+    """
+
+
 @hookspec
 def covenant_window_end(ctx: WindowContext, metrics: Mapping[str, float]) -> None:
     """A window closed and its outer step was applied (or skipped); ``metrics`` are the outer

@@ -125,8 +125,12 @@ class DataFeed:
         return Receipt(hash=r.hash, count=r.count)
 
     def batch(self, ctx: WindowContext, inner: int) -> torch.Tensor:
-        """Tokens of inner step ``inner`` of ``ctx``'s window for this DP rank, shape (B/D, T)."""
-        pool = self.pool(ctx.uid, ctx.window, ctx.outer_step)
+        """Tokens of inner step ``inner`` of ``ctx``'s window for this DP rank, shape (B/D, T).
+
+        The pool is the peer's own (``ctx.uid``) unless a plugin chose another uid's samples
+        (``ctx.extras["data_uid"]``, see ``covenant_sample_uid``).
+        """
+        pool = self.pool(ctx.extras.get("data_uid", ctx.uid), ctx.window, ctx.outer_step)
         ids = step_ids(pool, inner, self.train.batch_size)
         return self.shard(ctx.outer_step).batch(rank_share(ids, self.par.dp_rank, self.par.dp))
 
@@ -224,6 +228,8 @@ def run_training(
         hook.covenant_train_start(config=cfg, model=model, start_step=state.steps)
         for plan in clock.windows(state):
             ctx = WindowContext(plan.window, plan.outer_step, uid, train.inner_steps)
+            data_uid = hook.covenant_sample_uid(ctx=ctx)
+            ctx.extras["data_uid"] = uid if data_uid is None else int(data_uid)
             if outer is not None:
                 ctx.extras["receipt"] = feed.receipt(ctx)
                 ctx.extras["skipped"] = list(plan.skipped)

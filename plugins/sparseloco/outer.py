@@ -262,6 +262,15 @@ class SparseLoCoOuterStep:
                 )
 
     def end(self, ctx: WindowContext, model: ModelRuntime) -> dict[str, Any]:
+        """:meth:`publish` then :meth:`finish` (a driver running peers in lockstep in one
+        process calls the two halves itself, all peers' publishes before any finish)."""
+        metrics = self.publish(ctx, model)
+        metrics.update(self.finish(ctx, model))
+        return metrics
+
+    def publish(self, ctx: WindowContext, model: ModelRuntime) -> dict[str, Any]:
+        """Compress this window's pseudo-gradient, reset theta to theta_start and (rank 0)
+        upload the payload once the window has ended. Collective."""
         t0 = time.perf_counter()
         shards = self._layout(model)
         shapes = self.shapes(model)
@@ -288,23 +297,40 @@ class SparseLoCoOuterStep:
             for n, p in params.items():
                 p.copy_(self.start[n].to(p.device, p.dtype))
         encode_s = time.perf_counter() - t0
-        # 3. one copy of every tile reaches rank 0, which uploads and gathers
+        # 3. one copy of every tile reaches rank 0, which uploads
         mine = [_to_cpu(pieces[n]) for n in sorted(pieces) if self._contributes(model, shards[n])]
         everyone = _gather_to_rank0(mine)
+        out: dict[str, Any] = {}
+        if _rank() == 0:
+            try:
+                out = self._upload(ctx, everyone, shapes)
+            except Exception as exc:  # rank 0's I/O failed: every rank must still move on
+                log.warning("window %d: upload failed: %s", ctx.window, exc, exc_info=True)
+                out = {"uploaded": 0.0, "upload_error": str(exc)}
+        out = _broadcast_obj(out)
+        out["encode_s"] = encode_s
+        return out
+
+    def finish(self, ctx: WindowContext, model: ModelRuntime) -> dict[str, Any]:
+        """Gather the listed peers' uploads (rank 0), aggregate this rank's slices, apply on
+        every rank or none, publish the sync sample. Collective."""
+        shards = self._layout(model)
+        shapes = self.shapes(model)
+        params = model.local_parameters()
+        alpha = self.alpha(ctx.outer_step)
         blobs: list[bytes] | None = None
         plan: dict[str, Any] | None = None
         if _rank() == 0:
             try:
-                plan = self._exchange(ctx, everyone, shapes)
+                plan = self._gather(ctx.window, shapes, {})
             except Exception as exc:  # rank 0's I/O failed: every rank must still move on
-                log.warning("window %d: exchange failed: %s", ctx.window, exc, exc_info=True)
-                plan = {"skip_reason": f"exchange failed: {exc}", "sizes": []}
+                log.warning("window %d: gather failed: %s", ctx.window, exc, exc_info=True)
+                plan = {"skip_reason": f"gather failed: {exc}", "sizes": []}
             blobs = plan.pop("blobs", [])
         plan = _broadcast_obj(plan)  # small and made here; the payload bytes travel raw below
         assert plan is not None
         payloads = _broadcast_bytes(blobs, plan["sizes"])
         metrics: dict[str, Any] = {k: v for k, v in plan.items() if k != "sizes"}
-        metrics["encode_s"] = encode_s
         # 4. every rank aggregates its own slices; the apply commits on all ranks or on none
         t1 = time.perf_counter()
         update: dict[str, torch.Tensor] = {}
@@ -316,6 +342,10 @@ class SparseLoCoOuterStep:
                 reason = f"aggregate failed on rank {_rank()}: {exc}"
                 log.warning("outer step: %s", reason)
                 update = {}
+        if update and self.services is not None:
+            wanted = self.services.hook.covenant_apply_aggregate(ctx=ctx)
+            if wanted is False:
+                reason = "a plugin declined to apply the aggregate"
         ok = _all_ok(bool(update) and not reason)
         if ok:
             with torch.no_grad():
@@ -346,10 +376,10 @@ class SparseLoCoOuterStep:
         self.start = {}
         return metrics
 
-    def _exchange(
+    def _upload(
         self, ctx: WindowContext, everyone: list[Any] | None, shapes: Mapping[str, tuple[int, ...]]
     ) -> dict[str, Any]:
-        """Rank 0: pack, upload at the window's end, gather the listed peers; returns the plan."""
+        """Rank 0: pack the payload, wait for the window's end, upload (signed, with receipt)."""
         assert self.services is not None and everyone is not None
         services = self.services
         exchange, chain = services.exchange, services.chain
@@ -364,13 +394,18 @@ class SparseLoCoOuterStep:
         out["wait_s"] = time.perf_counter() - t0
         _lo, hi = exchange.upload_interval(ctx.window)
         now = chain.block_timestamp(int(chain.block()))
+        # A plugin may replace the payload (tests, the adversaries plugin); the deadline check
+        # uses the time before it ran, so a deliberately late peer really uploads late.
+        replaced = services.hook.covenant_payload(ctx=ctx, payload=payload, services=services)
+        if replaced is not None:
+            payload = bytes(replaced)
         t1 = time.perf_counter()
+        out["uploaded"] = 0.0
         if now > hi:
             log.warning(
                 "window %d: upload interval closed before the upload; not uploading", ctx.window
             )
-            out["uploaded"] = 0.0
-        else:
+        elif payload:
             try:
                 exchange.put_gradient(
                     ctx.window,
@@ -382,9 +417,8 @@ class SparseLoCoOuterStep:
                 out["uploaded"] = 1.0
             except Exception as exc:  # a failed PUT is an error for this window, not the run
                 log.warning("window %d: upload failed: %s", ctx.window, exc)
-                out["uploaded"] = 0.0
         out["upload_s"] = time.perf_counter() - t1
-        return self._gather(ctx.window, shapes, out)
+        return out
 
     def _gather(
         self, window: int, shapes: Mapping[str, tuple[int, ...]], out: dict[str, Any]
