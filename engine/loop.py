@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from covenant.engine.catchup import catch_up
 from covenant.engine.checkpoint import (
     Checkpointer,
     CheckpointMeta,
@@ -227,6 +228,20 @@ def run_training(
         result.steps = first_step = state.steps
         hook.covenant_train_start(config=cfg, model=model, start_step=state.steps)
         for plan in clock.windows(state):
+            caught: dict[str, float] = {}
+            if outer is not None and outer_cfg.catch_up and _behind(state, plan.window):
+                caught = catch_up(
+                    session.services if par.is_main else None,
+                    model,
+                    outer,
+                    state,
+                    plan.window,
+                    outer_cfg,
+                    run_dir / "catchup",
+                    inner_steps=train.inner_steps,
+                    record_wait_s=outer_cfg.record_wait_s,
+                )
+                plan = clock.refresh(plan, state)
             ctx = WindowContext(plan.window, plan.outer_step, uid, train.inner_steps)
             data_uid = hook.covenant_sample_uid(ctx=ctx)
             ctx.extras["data_uid"] = uid if data_uid is None else int(data_uid)
@@ -263,6 +278,7 @@ def run_training(
             applied = bool(metrics.get("applied", 0.0))
             state.finish(ctx.window, ctx.outer_step, applied)
             window_metrics = {
+                **caught,
                 "window": float(ctx.window),
                 "outer_step": float(ctx.outer_step),
                 "inner_steps": float(ctx.steps_done),
@@ -318,6 +334,11 @@ def _chain_clock(
         max_windows=outer_cfg.max_windows,
         start_wait_s=outer_cfg.start_wait_s,
     )
+
+
+def _behind(state: PeerState, window: int) -> bool:
+    """Whether this peer's weights are older than the end of ``window - 1``."""
+    return state.last_window is None or state.last_window < window - 1
 
 
 def _due(every: int, done: int, last: int | None) -> bool:

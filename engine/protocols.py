@@ -433,6 +433,20 @@ class SyncSample:
     values: Mapping[str, tuple[float, float]]
 
 
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A published checkpoint (SPEC section 9): the full weights after applying ``window``.
+
+    ``outer_step`` is ``outer_step(window + 1)``; ``path`` is the local folder the verified
+    files were downloaded to (a weights directory any layout loads).
+    """
+
+    window: int
+    outer_step: int
+    path: str
+    validator: str = ""
+
+
 @runtime_checkable
 class Exchange(Protocol):
     """Everything a run keeps in object storage, signed and verified (SPEC sections 5, 6, 9).
@@ -508,6 +522,20 @@ class Exchange(Protocol):
     def put_peer_list(self, peer_list: PeerList) -> ObjectInfo: ...
 
     def put_aggregate_record(self, record: AggregateRecord) -> ObjectInfo: ...
+
+    # -- checkpoints (SPEC section 9)
+    def put_checkpoint(
+        self, window: int, outer_step: int, folder: str, model: Mapping[str, Any]
+    ) -> ObjectInfo:
+        """Publish the weights directory ``folder`` (every file, hashed) with a signed
+        manifest, and point ``checkpoint/latest`` at it."""
+        ...
+
+    def fetch_checkpoint(self, dest: str) -> CheckpointInfo | None:
+        """Download the lead validator's latest checkpoint into ``dest`` (resuming: files
+        already there with the right hash are kept); every file is checked against the
+        signed manifest before it is kept. ``None`` if there is none (or it is unusable)."""
+        ...
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,6 +69,12 @@ class OuterConfig(BaseModel):
     catch_up_max_windows: int = Field(
         8, ge=1, description="behind by more windows than this: load a checkpoint first"
     )
+    catch_up_retries: int = Field(
+        2, ge=0, description="reloads when the caught-up model still differs from the validator's"
+    )
+    record_wait_s: float = Field(
+        600.0, gt=0, description="catch-up waits this long for an aggregate record to appear"
+    )
 
     @field_validator("alpha_schedule")
     @classmethod
@@ -199,6 +205,9 @@ class StepClock:
     def window_over(self, plan: WindowPlan, inner: int) -> bool:
         return plan.window * self.h + inner >= self.total
 
+    def refresh(self, plan: WindowPlan, state: PeerState) -> WindowPlan:
+        return plan
+
     def upload_deadline_passed(self, window: int) -> bool:
         return False
 
@@ -309,6 +318,11 @@ class ChainClock:
         window = max(current, want)
         # A peer that starts late in a window trains from inner step 0 until the window ends.
         return WindowPlan(window, self.outer_step(window, state), 0, self.h, skipped)
+
+    def refresh(self, plan: WindowPlan, state: PeerState) -> WindowPlan:
+        """``plan`` with its outer step recomputed (after a catch-up changed ``state``)."""
+        outer_step = agree(lambda: self.outer_step(plan.window, state))
+        return WindowPlan(plan.window, outer_step, plan.first_inner, plan.inner_steps, plan.skipped)
 
     def window_over(self, plan: WindowPlan, inner: int) -> bool:
         """Whether ``plan``'s window has ended on the chain (agreed by every rank)."""

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -179,6 +180,10 @@ class GauntletScorer:
         if last is None:
             self._post_initial_peer_list(current)
             self.outer_step = self._outer_step_from_records(max(start, current))
+            if services.is_lead() and self.outer_step == 0:
+                # the run's initial weights: a miner starting fresh loads these, so every peer
+                # begins from the same model whatever its own seed or layout
+                self._publish_checkpoint(start - 1)
             return max(start, current)
         return last + 1
 
@@ -562,12 +567,29 @@ class GauntletScorer:
             self._post_peer_list(current, *outcome.peer_list)
 
     def _publish_checkpoint(self, window: int) -> None:
-        """SPEC 9 checkpoints: built in the swarm issue (covenant.plugins.gauntlet.checkpoints)."""
+        """SPEC 9: the full weights after applying ``window`` (layout-independent safetensors
+        pieces and their index), ``outer_step(window + 1)``, content hashes and a manifest signed
+        by this hotkey; ``checkpoint/latest`` points at it. A failure is logged, not fatal."""
+        folder = self.run_dir / "published" / f"window-{window:08d}"
+        t0 = time.perf_counter()
         try:
-            from covenant.plugins.gauntlet.checkpoints import publish_checkpoint
-        except ImportError:  # pragma: no cover - until the module exists
+            if folder.exists():
+                shutil.rmtree(folder)
+            self.model.save_full_weights(str(folder))
+            shape = getattr(self.model, "shape", None)
+            model_info = shape.to_dict() if shape is not None else {}
+            self.services.exchange.put_checkpoint(window, self.outer_step, str(folder), model_info)
+        except Exception as exc:
+            log.error("window %d: publishing the checkpoint failed: %s", window, exc)
             return
-        publish_checkpoint(self, window)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        log.info(
+            "checkpoint published: window %d, outer step %d (%.1f s)",
+            window,
+            self.outer_step,
+            time.perf_counter() - t0,
+        )
 
     # -- state -----------------------------------------------------------------------------------
 

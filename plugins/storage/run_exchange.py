@@ -16,14 +16,17 @@ aggregate records and the checkpoints that miners follow; this class finds it on
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from covenant.engine.fs import atomic_write_bytes
 from covenant.engine.protocols import (
     AggregateRecord,
+    CheckpointInfo,
     FetchOutcome,
     Neuron,
     ObjectInfo,
@@ -63,7 +66,8 @@ log = logging.getLogger(__name__)
 RECORD_CAP = rec.MAX_RECORD_BYTES + DEFAULT_HEADER_MAX_BYTES
 COMMITMENT_TTL_S = 5.0
 POLL_S = 0.5
-CLOCK_SLACK_S = 2.0  # chain time is read at block resolution; poll a little past the close
+CLOCK_SLACK_S = 2.0
+KEEP_CHECKPOINTS = 2  # chain time is read at block resolution; poll a little past the close
 
 
 class StorageExchange:
@@ -427,6 +431,100 @@ class StorageExchange:
         )
         return self._put(self.keys.scores(window, uid), body, window, rec.SCORE)
 
+    # -- checkpoints (SPEC section 9) ------------------------------------------------------------
+
+    def put_checkpoint(
+        self, window: int, outer_step: int, folder: str, model: Mapping[str, Any]
+    ) -> ObjectInfo:
+        """Upload every file of the weights directory ``folder``, then the signed manifest
+        (``checkpoint/{window}/manifest``) and ``checkpoint/latest``; older checkpoints beyond
+        the last ``KEEP_CHECKPOINTS`` are deleted."""
+        root = Path(folder)
+        files: dict[str, dict[str, Any]] = {}
+        for path in sorted(p for p in root.iterdir() if p.is_file()):
+            data = path.read_bytes()
+            self.transport.put(self.keys.checkpoint(window, path.name), data)
+            files[path.name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        body = {
+            "format": rec.CHECKPOINT,
+            "window": window,
+            "outer_step": outer_step,
+            "model": dict(model),
+            "files": files,
+        }
+        data = rec.encode_record(body)
+        self._put(self.keys.checkpoint(window, "manifest"), data, window, rec.CHECKPOINT)
+        info = self._put(self.keys.checkpoint_latest(), data, 0, rec.CHECKPOINT)
+        self._prune_checkpoints(keep_from=window)
+        return info
+
+    def _prune_checkpoints(self, keep_from: int) -> None:
+        head = self.keys.kind_prefix("checkpoint")
+        try:
+            infos = self.transport.list(head)
+        except StorageError as exc:
+            log.warning("cannot list checkpoints for pruning: %s", exc)
+            return
+        windows = sorted(
+            {
+                int(part)
+                for info in infos
+                if (part := info.key[len(head) :].split("/", 1)[0]).isdigit()
+            }
+        )
+        for old in windows[: max(0, len(windows) - KEEP_CHECKPOINTS)]:
+            if old >= keep_from:
+                continue
+            for info in infos:
+                if info.key.startswith(f"{head}{old}/"):
+                    self.transport.delete(info.key)
+
+    def fetch_checkpoint(self, dest: str) -> CheckpointInfo | None:
+        found = self._lead()
+        if found is None:
+            return None
+        lead, transport = found
+        latest = self._read_record(
+            transport, self.keys.checkpoint_latest(), 0, lead.uid, lead.hotkey, rec.CHECKPOINT
+        )
+        if isinstance(latest, UploadRejection):
+            if latest.reason != RejectReason.MISSING:
+                log.warning("lead validator's checkpoint/latest is unusable: %s", latest.detail)
+            return None
+        window = int(latest.window)
+        body = self._read_record(
+            transport,
+            self.keys.checkpoint(window, "manifest"),
+            window,
+            lead.uid,
+            lead.hotkey,
+            rec.CHECKPOINT,
+        )
+        if isinstance(body, UploadRejection) or body != latest:
+            log.warning("checkpoint %d: its manifest is missing or disagrees with latest", window)
+            return None
+        out = Path(dest)
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.iterdir():  # files of an older checkpoint must not mix in
+            if stale.is_file() and stale.name not in body.files:
+                stale.unlink()
+        for name, meta in sorted(body.files.items()):
+            target = out / name
+            if target.is_file() and _sha256_file(target) == meta.sha256:
+                continue  # resumed: already downloaded and verified
+            try:
+                data = transport.get(self.keys.checkpoint(window, name), meta.size)
+            except StorageError as exc:
+                log.warning("checkpoint %d: %s could not be downloaded: %s", window, name, exc)
+                return None
+            if len(data) != meta.size or hashlib.sha256(data).hexdigest() != meta.sha256:
+                log.warning("checkpoint %d: %s does not match its signed hash", window, name)
+                return None
+            atomic_write_bytes(target, data)
+        return CheckpointInfo(
+            window=window, outer_step=int(body.outer_step), path=str(out), validator=lead.hotkey
+        )
+
     def score_record(self, validator: str, window: int, uid: int) -> dict[str, Any] | None:
         """A validator's published score record (for ``covenant replay``), or ``None``."""
         transport = self.peer_transport(validator)
@@ -439,6 +537,14 @@ class StorageExchange:
         if isinstance(body, UploadRejection):
             return None
         return dict(body.record)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 __all__ = ["StorageExchange"]
