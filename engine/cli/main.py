@@ -51,6 +51,8 @@ BUILTIN_PROVIDERS = {
     "model-info": "model",
     "export": "model",
     "storage": "storage",
+    "swarm": "swarm",
+    "report": "swarm",
 }
 
 app = typer.Typer(
