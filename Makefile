@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED := 1
 .PHONY: help setup run test lint typecheck test-fast test-slow lock bench clean
 
 help:
-	@echo "make run    - set up .venv and run the main job (local training on real text, CPU)"
+	@echo "make run    - set up .venv and run the main job (a local swarm: 4 miners + a validator)"
 	@echo "make test   - set up .venv and run lint, type check and tests"
 	@echo "make test-slow - the slow tests (multi-process, long runs)"
 	@echo "make lock   - regenerate constraints.txt from pyproject.toml"
@@ -18,8 +18,7 @@ setup:
 	@bash tools/setup_env.sh
 
 run: setup
-	$(BIN)/covenant plugins
-	$(BIN)/covenant train --config tiny
+	$(BIN)/covenant swarm --config swarm-cpu
 
 lint: setup
 	$(BIN)/ruff check engine plugins models src tools tests examples

@@ -149,6 +149,32 @@ def register_cmd(
         out.print(f"uid [bold]{uid}[/] {keypair.ss58_address}")
 
 
+@app.command("commit")
+def commit_cmd(
+    data: Annotated[
+        str,
+        typer.Argument(help="the commitment: e.g. the output of `covenant storage commitment`"),
+    ],
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Publish this hotkey's commitment (its bucket's read credentials), signed by [chain] hotkey.
+
+    Works on both chains: on Bittensor it is the raw Commitments.set_commitment call.
+    """
+    from covenant.engine.keys import load_hotkey
+
+    try:
+        session = _session(config, overrides)
+        spec = session.config.section("chain").hotkey
+        if spec is None:
+            raise CovenantError("set [chain] hotkey (the key that signs the commitment)")
+        _chain(session).commit(load_hotkey(spec), data)
+    except CovenantError as exc:
+        raise fail(exc) from None
+    out.print(f"committed {len(data.encode())} bytes")
+
+
 @app.command("keygen")
 def keygen_cmd(
     name: Annotated[str, typer.Argument(help="key name (file NAME.json)")],
