@@ -37,6 +37,7 @@ import torch
 
 from covenant.engine.errors import CovenantError
 from covenant.engine.fs import atomic_write_bytes
+from covenant.engine.untrusted import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +174,11 @@ class Checkpointer:
         """Read ``path`` for this rank after checking it belongs to this run, preset and layout."""
         meta_path = path / "meta.json"
         try:
-            raw = json.loads(meta_path.read_text(encoding="utf-8"))
+            raw = loads_json(meta_path.read_bytes(), what=str(meta_path), max_bytes=1 << 20)
+            if not isinstance(raw, dict):
+                raise TypeError("not a JSON object")
             meta = CheckpointMeta(**raw)
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError) as exc:  # UntrustedInputError is a ValueError
             raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata: {exc}") from None
         for field_name, what in (  # the window and step may differ, nothing else
             ("run_id", "run"),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,9 +29,14 @@ from pydantic import BaseModel, ValidationError
 
 from covenant.engine.errors import ConfigError
 from covenant.engine.fs import atomic_write_bytes
+from covenant.engine.untrusted import UntrustedInputError, loads_toml
 
 ENV_PREFIX = "COVENANT__"
 BUILTIN_PACKAGE = "covenant.configs"
+#: Largest config file read; real ones are a few KiB.
+MAX_CONFIG_BYTES = 1 << 20
+#: Largest single ``--set`` / environment value parsed as TOML.
+MAX_VALUE_BYTES = 64 << 10
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -55,24 +59,43 @@ def resolve_config_path(name: str | os.PathLike[str]) -> Path:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Parse a TOML file, turning every failure into one clear :class:`ConfigError`."""
+    """Parse a TOML file, turning every failure into one clear :class:`ConfigError`.
+
+    Read with the bounded reader (:func:`covenant.engine.untrusted.loads_toml`): a config can
+    come from anywhere (a shared run folder, a downloaded example), and pathological nesting or
+    a 5,000-digit integer must be one error line, not a ``RecursionError`` or ``ValueError``.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: config file is {size} bytes, over {MAX_CONFIG_BYTES}")
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc}") from None
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+        return loads_toml(text, what=str(path), max_bytes=MAX_CONFIG_BYTES)
+    except UntrustedInputError as exc:
+        problem = exc.problem
+        if not problem.startswith("malformed TOML"):
+            problem = f"malformed TOML: {problem}"
+        raise ConfigError(f"{path}: {problem}") from None
 
 
-def parse_value(text: str) -> Any:
-    """A command-line or environment value as TOML (``3e-4``, ``true``, ``[1,2]``), else a string."""
+def parse_value(text: str, origin: str = "value") -> Any:
+    """A command-line or environment value as TOML (``3e-4``, ``true``, ``[1,2]``), else a string.
+
+    Malformed TOML falls back to the plain string; a value over the bounded reader's limits
+    (nesting, number length, size) is a :class:`ConfigError` naming ``origin``.
+    """
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+        return loads_toml(f"v = {text}", what=origin, max_bytes=MAX_VALUE_BYTES)["v"]
+    except UntrustedInputError as exc:
+        if exc.bound:
+            raise ConfigError(f"{origin}: {exc.problem}") from None
         return text
 
 
@@ -94,7 +117,8 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[list[str], Any, str]]:
         keys = [k for k in key.strip().split(".") if k]
         if not sep or len(keys) < 2:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
-        out.append((keys, parse_value(raw.strip()), f"--set {key.strip()}"))
+        origin = f"--set {key.strip()}"
+        out.append((keys, parse_value(raw.strip(), origin), origin))
     return out
 
 
@@ -107,7 +131,7 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any, str]
         keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
         if len(keys) < 2:
             raise ConfigError(f"${name}: expected {ENV_PREFIX}SECTION__KEY=value")
-        out.append((keys, parse_value(environ[name]), f"${name}"))
+        out.append((keys, parse_value(environ[name], f"${name}"), f"${name}"))
     return out
 
 
@@ -152,12 +176,20 @@ class Config:
         return {name: json.loads(model.model_dump_json()) for name, model in self.sections.items()}
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: an error line stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _format_validation(section: str, exc: ValidationError, origins: Mapping[str, str]) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         where = origins.get(f"{section}.{err['loc'][0]}" if err["loc"] else section, "defaults")
-        got = f" (got {err['input']!r})" if err["type"] != "missing" and "input" in err else ""
+        got = (
+            f" (got {_short(err['input'])})" if err["type"] != "missing" and "input" in err else ""
+        )
         if err["type"] == "extra_forbidden":
             lines.append(f"{where}: [{section}] {loc}: unknown key")
         else:

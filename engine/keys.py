@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from covenant.engine.errors import CovenantError
+from covenant.engine.untrusted import UntrustedInputError, loads_json
 
 if TYPE_CHECKING:  # bittensor's compiled core is cheap, but keep import-time work minimal
     from bittensor.sp_core import Keypair
@@ -179,11 +180,9 @@ def _load_key_file(path: Path) -> Keypair:
 
 def _from_json(path: Path, text: str) -> Keypair:
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise HotkeyError(
-            f"{path}: malformed key file JSON ({exc.msg} at line {exc.lineno})"
-        ) from None
+        data = loads_json(text, what=str(path), max_bytes=64 << 10, max_depth=4)
+    except UntrustedInputError as exc:
+        raise HotkeyError(f"{path}: malformed key file JSON ({exc.problem})") from None
     seed = data.get("secret_seed") if isinstance(data, dict) else None
     if not isinstance(seed, str) or not _SEED_RE.match(seed):
         raise HotkeyError(f"{path}: key file has no valid 'secret_seed' (0x + 64 hex digits)")

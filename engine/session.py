@@ -109,7 +109,7 @@ def _early_allow_list(
     for item in overrides:
         key, _, raw = item.partition("=")
         if key.strip() == "plugins.enable":
-            enable = parse_value(raw.strip())
+            enable = parse_value(raw.strip(), "--set plugins.enable")
     if enable is not None and not (
         isinstance(enable, list) and all(isinstance(n, str) for n in enable)
     ):

@@ -44,15 +44,25 @@ DEFAULT_MAX_INT_DIGITS = 64
 
 
 class UntrustedInputError(CovenantError, ValueError):
-    """Untrusted JSON/TOML text was refused; ``str(err)`` is ``"<what>: <problem>"``."""
+    """Untrusted JSON/TOML text was refused; ``str(err)`` is ``"<what>: <problem>"``.
 
-    def __init__(self, what: str, problem: str) -> None:
+    ``bound`` is true when a limit was exceeded (size, depth, number length) rather than the
+    text being malformed: a caller that falls back to reading malformed text as a plain string
+    (``--set`` values) must still refuse these.
+    """
+
+    def __init__(self, what: str, problem: str, *, bound: bool = False) -> None:
         super().__init__(f"{what}: {problem}")
         self.what = what
         self.problem = problem
+        self.bound = bound
 
-    def __reduce__(self) -> tuple[Any, ...]:  # keep it picklable despite the two-argument init
-        return (type(self), (self.what, self.problem))
+    def __reduce__(self) -> tuple[Any, ...]:  # keep it picklable despite the keyword-only init
+        return (_rebuild, (type(self), self.what, self.problem, self.bound))
+
+
+def _rebuild(cls: type[UntrustedInputError], what: str, problem: str, bound: bool) -> Any:
+    return cls(what, problem, bound=bound)
 
 
 # --- lexical pre-scans (linear: possessive quantifiers never backtrack, and an unterminated
@@ -92,18 +102,18 @@ def _check_size(data: bytes | str, what: str, max_bytes: int) -> str:
     """The text of ``data``, refused before decoding when it is over ``max_bytes`` UTF-8 bytes."""
     if isinstance(data, str):
         if len(data) > max_bytes:  # every character is at least one byte
-            raise UntrustedInputError(what, f"larger than {max_bytes} bytes")
+            raise UntrustedInputError(what, f"larger than {max_bytes} bytes", bound=True)
         try:
             size = len(data.encode("utf-8"))
         except UnicodeEncodeError:
             raise UntrustedInputError(what, "not valid UTF-8 text (lone surrogate)") from None
         if size > max_bytes:
-            raise UntrustedInputError(what, f"larger than {max_bytes} bytes")
+            raise UntrustedInputError(what, f"larger than {max_bytes} bytes", bound=True)
         return data
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise UntrustedInputError(what, f"expected bytes or text, got {type(data).__name__}")
     if len(data) > max_bytes:
-        raise UntrustedInputError(what, f"larger than {max_bytes} bytes ({len(data)})")
+        raise UntrustedInputError(what, f"larger than {max_bytes} bytes ({len(data)})", bound=True)
     try:
         return bytes(data).decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -122,13 +132,17 @@ def _check_tree(value: Any, what: str, max_depth: int, root_depth: int = 0) -> N
                 raise UntrustedInputError(what, "string holds a lone surrogate escape") from None
         elif isinstance(node, dict):
             if depth + 1 > max_depth:
-                raise UntrustedInputError(what, f"nested deeper than {max_depth} levels")
+                raise UntrustedInputError(
+                    what, f"nested deeper than {max_depth} levels", bound=True
+                )
             for key, item in node.items():
                 stack.append((key, depth + 1))
                 stack.append((item, depth + 1))
         elif isinstance(node, list):
             if depth + 1 > max_depth:
-                raise UntrustedInputError(what, f"nested deeper than {max_depth} levels")
+                raise UntrustedInputError(
+                    what, f"nested deeper than {max_depth} levels", bound=True
+                )
             stack.extend((item, depth + 1) for item in node)
 
 
@@ -159,13 +173,15 @@ def loads_json(
     text = _check_size(data, what, max_bytes)
     code = _JSON_STRING.sub('""', text)  # outside strings, digits only occur in numbers
     if _max_bracket_depth(code) > max_depth:
-        raise UntrustedInputError(what, f"nested deeper than {max_depth} levels")
+        raise UntrustedInputError(what, f"nested deeper than {max_depth} levels", bound=True)
     if re.search(rf"[0-9]{{{max_int_digits + 1}}}", code):
-        raise UntrustedInputError(what, f"number longer than {max_int_digits} digits")
+        raise UntrustedInputError(what, f"number longer than {max_int_digits} digits", bound=True)
 
     def parse_float(literal: str) -> float:
         if _count_digits(literal) > max_int_digits:
-            raise UntrustedInputError(what, f"number longer than {max_int_digits} digits")
+            raise UntrustedInputError(
+                what, f"number longer than {max_int_digits} digits", bound=True
+            )
         value = float(literal)
         if not math.isfinite(value):
             raise UntrustedInputError(what, f"number out of range: {literal[:32]}")
@@ -198,7 +214,9 @@ def loads_json(
             what, f"malformed JSON: {exc.msg} (line {exc.lineno} column {exc.colno})"
         ) from None
     except (ValueError, RecursionError) as exc:  # belt and braces: the pre-scan should catch these
-        raise UntrustedInputError(what, f"malformed JSON: {type(exc).__name__}") from None
+        raise UntrustedInputError(
+            what, f"malformed JSON: {type(exc).__name__}", bound=True
+        ) from None
     if _SURROGATE_ESCAPE.search(text):  # only an escape can smuggle in a lone surrogate
         _check_tree(value, what, max_depth)
     return value
@@ -238,14 +256,18 @@ def loads_toml(
     code = _TOML_STRINGS_AND_COMMENTS.sub('""', text)
     # a table header ``[a]``/``[[a]]`` scans as one or two levels but never holds inline values
     if _max_bracket_depth(code) > max(max_depth, 2):
-        raise UntrustedInputError(what, f"nested deeper than {max_depth} levels")
+        raise UntrustedInputError(what, f"nested deeper than {max_depth} levels", bound=True)
     for match in _TOML_INT.finditer(code):
         if _count_digits(match.group(1)) > max_int_digits:
-            raise UntrustedInputError(what, f"integer longer than {max_int_digits} digits")
+            raise UntrustedInputError(
+                what, f"integer longer than {max_int_digits} digits", bound=True
+            )
 
     def parse_float(literal: str) -> float:
         if _count_digits(literal) > max_int_digits:
-            raise UntrustedInputError(what, f"number longer than {max_int_digits} digits")
+            raise UntrustedInputError(
+                what, f"number longer than {max_int_digits} digits", bound=True
+            )
         value = float(literal)
         if not math.isfinite(value):
             raise UntrustedInputError(what, f"{literal} is not a finite number")
@@ -258,6 +280,8 @@ def loads_toml(
     except tomllib.TOMLDecodeError as exc:
         raise UntrustedInputError(what, f"malformed TOML: {exc}") from None
     except (ValueError, RecursionError) as exc:  # belt and braces: the pre-scan should catch these
-        raise UntrustedInputError(what, f"malformed TOML: {type(exc).__name__}") from None
+        raise UntrustedInputError(
+            what, f"malformed TOML: {type(exc).__name__}", bound=True
+        ) from None
     _check_tree(value, what, max_depth, root_depth=-1)  # the root table is not a level
     return value

@@ -3,7 +3,8 @@
 A full-weight directory (a checkpoint's ``weights/``, or anything ``save_full_weights`` wrote)::
 
     covenant_model.json          the index: format, version, the ModelShape, the files, and for
-                                 every global tensor the pieces (file, offsets, shape) tiling it
+                                 every global tensor the pieces tiling it: [file, offsets,
+                                 shape, dtype, sha256]
     shard-00000.safetensors      one file per writing rank: the boxes that rank owns, keyed by
     shard-00001.safetensors      global name, in the parameters' own dtype (bf16 on GPU)
     ...
@@ -17,17 +18,37 @@ so an index means a complete directory.
 Reading assembles any box of any global tensor from the pieces that overlap it
 (:meth:`FullWeights.read`), through safetensors' memory-mapped slices: ``covenant export``
 streams one tensor at a time, and a rank of any other layout reads only its own boxes
-(:func:`load_into`). The index is checked before any tensor is read: known format, the shape's
-exact tensor set, pieces inside their tensors, tiling them without overlap, file names without
-path parts, and every file's size bounded by what its pieces need. safetensors never executes
-code, and each piece's stored shape and dtype are checked against the index when read.
+(:func:`load_into`).
 
-Version 1 (one ``model.safetensors`` of whole tensors next to a bare ModelShape JSON) still reads.
+The index is untrusted input (a late joiner reads one from a checkpoint someone else published),
+so it is read with the bounded JSON reader and every number in it is bounded *before* the work
+it bounds: the model's dimensions and layer count (which set the tensor count) and its total
+element count, the number of files and of pieces (in all and per tensor), every piece inside
+its tensor, the pieces forming a grid that tiles the tensor (checked in O(n log n): sorted cut
+points per dimension, never pairwise), file names without path parts, and every file's size
+between what its pieces need in the narrowest and the widest dtype (so no index can make a
+reader allocate more than is on disk). safetensors never executes code.
+
+**Content hashes** (version 3): every piece carries the SHA-256 of its bytes as stored in its
+safetensors file (the tensor's ``data_offsets`` range, raw little-endian) and its dtype. Per
+piece rather than per file, because a rank of another layout reads only the pieces that overlap
+its boxes, not whole files. Before the first value of a piece is returned, the reader checks the
+file's header entry for it (dtype, shape, byte range inside the file) and hashes the byte range
+in fixed-size chunks (streaming: a 100 GB file is never held in memory), once per piece per
+:class:`FullWeights`. A piece pointed at another file holding a tensor of the same name and
+shape, or a file whose header was edited, is a :class:`WeightsError`, never wrong values. The
+index itself is bound by the checkpoint's signed manifest, so a verified index means verified
+weights. (A file changed on local disk *after* its piece was verified is out of scope.)
+
+Versions 1 (one ``model.safetensors`` of whole tensors next to a bare ModelShape JSON) and 2
+(pieces without hashes) carry nothing to verify: they read only with ``allow_unhashed=True``,
+for one's own old directories.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -41,41 +62,65 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from covenant.engine.errors import CovenantError
 from covenant.engine.fs import atomic_write_bytes
 from covenant.engine.protocols import ParamShard
+from covenant.engine.untrusted import UntrustedInputError, loads_json
 from covenant.models.config import ModelConfigError, ModelShape, validate_shape
 from covenant.models.layout import Sharded, global_params, unique_sources
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "covenant-weights"
-VERSION = 2
+VERSION = 3
+#: Versions without content hashes: read only with ``allow_unhashed=True``.
+UNHASHED_VERSIONS = (1, 2)
 INDEX_FILE = "covenant_model.json"
 LEGACY_FILE = "model.safetensors"
 #: Largest index read (bytes); covenant-72b at TP=8 needs well under 1 MiB.
 MAX_INDEX_BYTES = 16 << 20
 #: Room for a safetensors header per file, beyond the tensor bytes its pieces need.
 HEADER_ALLOWANCE = 1 << 20
+#: Header bytes allowed per tensor entry of a safetensors file (name, dtype, shape, offsets).
+HEADER_BYTES_PER_TENSOR = 256
+# Bounds on what an index may declare, each checked before the work it bounds. Generous: a
+# covenant-72b index is 80 layers, dims <= 2^17, ~4,500 pieces at TP=8, 64 files at TP=8 x PP=8.
+MAX_LAYERS = 1024
+MAX_DIM = 1 << 24
+MAX_ELEMENTS = 1 << 42  # 4.4 trillion parameters
+MAX_FILES = 1 << 16
+MAX_PIECES = 1 << 20
+MAX_PIECES_PER_TENSOR = 1 << 12
+MAX_NAME_CHARS = 128
+#: Bytes hashed per read when verifying a piece (a piece is never held whole for hashing).
+HASH_CHUNK_BYTES = 8 << 20
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}\.safetensors$")
 #: dtypes a piece may be stored in, and their sizes (safetensors' names).
 _DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
 _WIDEST = max(_DTYPES.values())
 _NARROWEST = min(_DTYPES.values())
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: JSON types of ModelShape's fields, by annotation.
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float)}
 
 
-class WeightsError(ValueError):
+class WeightsError(CovenantError, ValueError):
     """A weights directory or file that is missing, malformed or for another model shape."""
 
 
 @dataclass(frozen=True)
 class Piece:
-    """One stored box of a global tensor: ``tensor[offsets : offsets + shape]`` in ``file``."""
+    """One stored box of a global tensor: ``tensor[offsets : offsets + shape]`` in ``file``.
+
+    ``dtype`` (safetensors' name) and ``sha256`` (of the stored bytes) are ``None`` only in the
+    unhashed versions 1 and 2.
+    """
 
     file: str
     offsets: tuple[int, ...]
     shape: tuple[int, ...]
+    dtype: str | None = None
+    sha256: str | None = None
 
     @property
     def numel(self) -> int:
@@ -98,13 +143,30 @@ def shard_file(rank: int) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def build_index(shape: ModelShape, sources: Sequence[tuple[int, ParamShard]]) -> dict[str, Any]:
-    """The index for pieces written by ``(rank, shard)`` in ``sources`` (ranks name the files)."""
+#: ``(dtype, sha256)`` of one stored tensor, as :func:`file_digests` computes it.
+Digest = tuple[str, str]
+
+
+def build_index(
+    shape: ModelShape,
+    sources: Sequence[tuple[int, ParamShard]],
+    digests: Mapping[tuple[int, str], Digest],
+) -> dict[str, Any]:
+    """The index for pieces written by ``(rank, shard)`` in ``sources`` (ranks name the files).
+
+    ``digests[(rank, name)]`` is the dtype and content hash of that piece in rank's file
+    (:func:`file_digests` of the file :func:`write_pieces` wrote).
+    """
     files = sorted({rank for rank, _ in sources})
     file_index = {rank: i for i, rank in enumerate(files)}
     pieces: dict[str, list[list[Any]]] = {p.name: [] for p in global_params(shape)}
     for rank, shard in sources:
-        pieces[shard.name].append([file_index[rank], list(shard.offsets), list(shard.local_shape)])
+        if (rank, shard.name) not in digests:
+            raise WeightsError(f"no content hash for {shard.name} in {shard_file(rank)}")
+        dtype, sha256 = digests[(rank, shard.name)]
+        pieces[shard.name].append(
+            [file_index[rank], list(shard.offsets), list(shard.local_shape), dtype, sha256]
+        )
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -125,7 +187,25 @@ def write_pieces(out_dir: Path, rank: int, tensors: Mapping[str, torch.Tensor]) 
     return path
 
 
+def file_digests(path: Path) -> dict[str, Digest]:
+    """``name -> (dtype, sha256)`` of every tensor in a safetensors file, hashed as stored.
+
+    Reads the file once, in :data:`HASH_CHUNK_BYTES` chunks (the writer's copy is still in the
+    page cache); this is exactly what the reader recomputes per piece.
+    """
+    header, data_start = _read_header(path, expected_tensors=None)
+    out: dict[str, Digest] = {}
+    with path.open("rb") as f:
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, begin, end = _entry_range(path, name, entry)
+            out[name] = (dtype, _hash_range(f, data_start + begin, end - begin))
+    return out
+
+
 def write_index(out_dir: Path, index: Mapping[str, Any]) -> None:
+    """Write the index atomically (last: an index means a complete directory)."""
     atomic_write_bytes(out_dir / INDEX_FILE, json.dumps(index, indent=1).encode("utf-8"))
 
 
@@ -136,17 +216,20 @@ def save_full_weights(
     check_full_state(full, shape)
     out = Path(out_dir)
     sources = [(0, _whole(p.name, p.shape)) for p in global_params(shape)]
-    write_pieces(out, 0, full)
-    write_index(out, build_index(shape, sources))
+    digests = file_digests(write_pieces(out, 0, full))
+    write_index(out, build_index(shape, sources, {(0, k): v for k, v in digests.items()}))
     return out
 
 
 def save_sharded(runtime: Sharded, out_dir: str | os.PathLike[str]) -> Path:
-    """Collective: every rank writes the pieces it owns; rank 0 then writes the index.
+    """Collective: every rank writes the pieces it owns and hashes them; rank 0 then gathers the
+    hashes (a few bytes per piece, never the data) and writes the index.
 
     A failure on any rank is raised on every rank (:func:`parallel.run_on_all`), and no index
     is written, so the directory never looks complete when it is not.
     """
+    import torch.distributed as dist
+
     from covenant.models import parallel
 
     out = Path(out_dir)
@@ -155,14 +238,18 @@ def save_sharded(runtime: Sharded, out_dir: str | os.PathLike[str]) -> Path:
     own = {b.shard.name: b for b in runtime.bindings()}
     mine = {s.name: own[s.name].local_view() for r, s in sources if r == rank}
 
-    def write() -> None:
-        if mine:
-            write_pieces(out, rank, mine)
+    def write() -> dict[str, Digest]:
+        return file_digests(write_pieces(out, rank, mine)) if mine else {}
 
     # An older index in a reused directory must not describe the files being replaced.
     parallel.run_on_rank0(lambda: (out / INDEX_FILE).unlink(missing_ok=True))
-    parallel.run_on_all(write)
-    parallel.run_on_rank0(lambda: write_index(out, build_index(runtime.shape, sources)))
+    local = parallel.run_on_all(write)
+    gathered: list[dict[str, Digest] | None] = [local]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+    digests = {(r, name): d for r, got in enumerate(gathered) for name, d in (got or {}).items()}
+    parallel.run_on_rank0(lambda: write_index(out, build_index(runtime.shape, sources, digests)))
     return out
 
 
@@ -197,6 +284,12 @@ class FullWeights:
         self.shape = shape
         self._pieces = dict(pieces)
         self._shapes = {p.name: p.shape for p in global_params(shape)}
+        self._per_file: dict[str, int] = {}
+        for plist in self._pieces.values():
+            for p in plist:
+                self._per_file[p.file] = self._per_file.get(p.file, 0) + 1
+        self._headers: dict[str, tuple[dict[str, Any], int]] = {}
+        self._verified: set[tuple[str, str]] = set()
 
     def names(self) -> list[str]:
         """Global tensor names in canonical order."""
@@ -261,7 +354,45 @@ class FullWeights:
                 f"first differing tensor: {diff[0]}"
             )
 
+    def verify(self) -> None:
+        """Check every piece's content hash now (``read`` checks each on first use anyway)."""
+        for name, plist in self._pieces.items():
+            for piece in plist:
+                self._verify_piece(name, piece)
+
+    def _verify_piece(self, name: str, piece: Piece) -> None:
+        """The file's header entry for ``piece`` matches the index, and so does its hash."""
+        if piece.sha256 is None or (piece.file, name) in self._verified:
+            return
+        path = self.root / piece.file
+        if piece.file not in self._headers:
+            self._headers[piece.file] = _read_header(path, self._per_file.get(piece.file, 1))
+        header, data_start = self._headers[piece.file]
+        if name not in header:
+            raise WeightsError(f"{path}: lacks tensor {name!r} named by the index")
+        dtype, begin, end = _entry_range(path, name, header[name])
+        stored = header[name].get("shape")
+        if stored != list(piece.shape) or dtype != piece.dtype:
+            raise WeightsError(
+                f"{path}: {name} is stored as {dtype} {stored}, the index says "
+                f"{piece.dtype} {list(piece.shape)}"
+            )
+        if end - begin != piece.numel * _DTYPES[dtype]:
+            raise WeightsError(f"{path}: {name}: byte range does not match its shape and dtype")
+        try:
+            with path.open("rb") as f:
+                digest = _hash_range(f, data_start + begin, end - begin)
+        except OSError as exc:
+            raise WeightsError(f"{path}: unreadable ({exc})") from None
+        if digest != piece.sha256:
+            raise WeightsError(
+                f"{path}: {name}: content hash {digest[:16]}... does not match the index's "
+                f"{piece.sha256[:16]}... (wrong or altered file)"
+            )
+        self._verified.add((piece.file, name))
+
     def _read_piece(self, name: str, piece: Piece, index: tuple[slice, ...]) -> torch.Tensor:
+        self._verify_piece(name, piece)
         path = self.root / piece.file
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -282,19 +413,34 @@ class FullWeights:
             raise WeightsError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
 
 
-def open_full_weights(path: str | os.PathLike[str]) -> FullWeights:
-    """Open and validate a full-weight directory (see the module docstring); reads no tensor."""
+def open_full_weights(path: str | os.PathLike[str], *, allow_unhashed: bool = False) -> FullWeights:
+    """Open and validate a full-weight directory (see the module docstring); reads no tensor.
+
+    ``allow_unhashed`` also reads versions 1 and 2, whose pieces carry no content hash: only for
+    one's own directories, never for a checkpoint someone else published.
+    """
     root = Path(path)
-    raw = _read_json(root / INDEX_FILE)
+    where = root / INDEX_FILE
+    raw = _read_json(where)
     if "format" not in raw:  # version 1: the index is the bare shape, one file of whole tensors
-        shape = _shape(raw, root / INDEX_FILE)
+        _refuse_unhashed(1, where, allow_unhashed)
+        shape = _shape(raw, where)
         pieces = {
             p.name: [Piece(LEGACY_FILE, (0,) * len(p.shape), p.shape)] for p in global_params(shape)
         }
     else:
-        shape, pieces = _parse_index(raw, root / INDEX_FILE)
+        shape, pieces = _parse_index(raw, where, allow_unhashed)
     _check_files(root, pieces)
     return FullWeights(root, shape, pieces)
+
+
+def _refuse_unhashed(version: int, where: Path, allow_unhashed: bool) -> None:
+    if not allow_unhashed:
+        raise WeightsError(
+            f"{where}: version {version} has no content hashes, so its weights cannot be "
+            f"verified; re-save it with this covenant (version {VERSION}), or open your own "
+            "directory with allow_unhashed=True"
+        )
 
 
 def load_full_weights(
@@ -343,15 +489,84 @@ def _read_json(path: Path) -> dict[str, Any]:
     if path.stat().st_size > MAX_INDEX_BYTES:
         raise WeightsError(f"{path} is larger than {MAX_INDEX_BYTES} bytes")
     try:
-        data = json.loads(path.read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{path} is not valid JSON: {exc}") from exc
+        with path.open("rb") as f:
+            raw = f.read(MAX_INDEX_BYTES + 1)  # the file may have grown since the stat
+        # depth: {"pieces": {name: [[file, [offsets], ...]]}} is 5 levels
+        data = loads_json(raw, what=str(path), max_bytes=MAX_INDEX_BYTES, max_depth=5)
+    except OSError as exc:
+        raise WeightsError(f"{path}: unreadable ({exc})") from None
+    except UntrustedInputError as exc:
+        raise WeightsError(f"{exc.what} is not a valid index: {exc.problem}") from None
     if not isinstance(data, dict):
         raise WeightsError(f"{path} must hold a JSON object")
     return data
 
 
+def _read_header(path: Path, expected_tensors: int | None) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (bounded JSON) and the offset where its data starts.
+
+    ``expected_tensors`` (pieces the index puts in the file) bounds the header's size; ``None``
+    means our own freshly written file.
+    """
+    limit = HEADER_ALLOWANCE + HEADER_BYTES_PER_TENSOR * (expected_tensors or 0)
+    try:
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise WeightsError(f"{path}: unreadable (too short for a safetensors header)")
+            n = int.from_bytes(prefix, "little")
+            if expected_tensors is not None and n > limit:
+                raise WeightsError(f"{path}: unreadable (header of {n} bytes, over {limit})")
+            if n > os.fstat(f.fileno()).st_size - 8:
+                raise WeightsError(f"{path}: unreadable (header claims {n} bytes, file is shorter)")
+            raw = f.read(n)
+    except OSError as exc:
+        raise WeightsError(f"{path}: unreadable ({exc})") from None
+    if len(raw) != n:
+        raise WeightsError(f"{path}: unreadable (header claims {n} bytes, file holds fewer)")
+    try:
+        header = loads_json(raw, what=f"{path} header", max_bytes=max(n, 1), max_depth=3)
+    except UntrustedInputError as exc:
+        raise WeightsError(f"{path}: unreadable ({exc.problem})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: unreadable (header is not a JSON object)")
+    return header, 8 + n
+
+
+def _entry_range(path: Path, name: str, entry: Any) -> tuple[str, int, int]:
+    """``(dtype, begin, end)`` of a safetensors header entry, checked for type and order."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    dtype = entry.get("dtype") if isinstance(entry, dict) else None
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise WeightsError(f"{path}: {name}: malformed safetensors entry")
+    if dtype not in _DTYPES:
+        raise WeightsError(f"{path}: {name} has dtype {dtype!r}; allowed {sorted(_DTYPES)}")
+    return dtype, offsets[0], offsets[1]
+
+
+def _hash_range(f: Any, start: int, length: int) -> str:
+    """SHA-256 of ``length`` bytes of open file ``f`` from ``start``, in bounded chunks."""
+    h = hashlib.sha256()
+    buf = bytearray(min(HASH_CHUNK_BYTES, max(length, 1)))
+    view = memoryview(buf)
+    f.seek(start)
+    left = length
+    while left:
+        n = f.readinto(view[: min(left, len(buf))])
+        if not n:
+            raise WeightsError(f"{getattr(f, 'name', 'file')}: ends inside a tensor's bytes")
+        h.update(view[:n])
+        left -= n
+    return h.hexdigest()
+
+
 def _shape(data: Any, where: Path) -> ModelShape:
+    """The index's model shape, its sizes bounded before anything is enumerated from it."""
     if not isinstance(data, dict):
         raise WeightsError(f"{where}: 'shape' must be an object")
     for f in dataclasses.fields(ModelShape):
@@ -359,12 +574,32 @@ def _shape(data: Any, where: Path) -> ModelShape:
         kind = _FIELD_TYPES[str(f.type)]
         if f.name in data and (not isinstance(value, kind) or isinstance(value, bool)):
             raise WeightsError(
-                f"{where}: bad model shape: {f.name} must be {f.type}, got {value!r}"
+                f"{where}: bad model shape: {f.name} must be {f.type}, got {_short(value)}"
             )
+        bound = MAX_LAYERS if f.name == "layers" else MAX_DIM
+        if isinstance(value, int) and kind is int and value > bound:
+            raise WeightsError(f"{where}: bad model shape: {f.name} {value} is over {bound}")
+        if isinstance(value, str) and len(value) > MAX_NAME_CHARS:
+            raise WeightsError(f"{where}: bad model shape: {f.name} is too long")
     try:
-        return validate_shape(ModelShape.from_dict(data), dim_multiple=1)
+        shape = validate_shape(ModelShape.from_dict(data), dim_multiple=1)
     except (TypeError, ModelConfigError) as exc:
         raise WeightsError(f"{where}: bad model shape: {exc}") from None
+    if _model_elements(shape) > MAX_ELEMENTS:
+        raise WeightsError(f"{where}: bad model shape: more than {MAX_ELEMENTS} parameters")
+    return shape
+
+
+def _model_elements(shape: ModelShape) -> int:
+    """The parameter count of ``shape`` in O(1) (what :func:`global_params` would enumerate)."""
+    h, q_dim = shape.hidden, shape.heads * shape.head_dim
+    per_layer = 2 * h + shape.qkv_rows * h + h * q_dim + 3 * shape.ffn * h
+    return 2 * shape.vocab * h + h + shape.layers * per_layer
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _int_list(value: Any, n: int, what: str) -> tuple[int, ...]:
@@ -373,48 +608,80 @@ def _int_list(value: Any, n: int, what: str) -> tuple[int, ...]:
         or len(value) != n
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
     ):
-        raise WeightsError(f"{what} must be {n} non-negative integers, got {value!r}")
+        raise WeightsError(f"{what} must be {n} non-negative integers, got {_short(value)}")
     return tuple(value)
 
 
-def _parse_index(raw: dict[str, Any], where: Path) -> tuple[ModelShape, dict[str, list[Piece]]]:
-    if raw.get("format") != FORMAT or raw.get("version") != VERSION:
+def _parse_index(
+    raw: dict[str, Any], where: Path, allow_unhashed: bool = False
+) -> tuple[ModelShape, dict[str, list[Piece]]]:
+    version = raw.get("version")
+    if raw.get("format") != FORMAT or version not in (VERSION, *UNHASHED_VERSIONS[1:]):
         raise WeightsError(
-            f"{where}: format {raw.get('format')!r} version {raw.get('version')!r}; this "
-            f"covenant reads {FORMAT!r} version {VERSION} (and version 1)"
+            f"{where}: format {_short(raw.get('format'))} version {_short(version)}; this "
+            f"covenant reads {FORMAT!r} version {VERSION} (and, unhashed, versions 1 and 2)"
         )
+    hashed = version == VERSION
+    if not hashed:
+        _refuse_unhashed(version, where, allow_unhashed)
     shape = _shape(raw.get("shape"), where)
     files = raw.get("files")
     if (
         not isinstance(files, list)
+        or len(files) > MAX_FILES
         or not all(isinstance(f, str) and _FILE_NAME.match(f) for f in files)
         or len(set(files)) != len(files)
     ):
-        raise WeightsError(f"{where}: 'files' must be distinct plain *.safetensors file names")
+        raise WeightsError(
+            f"{where}: 'files' must be at most {MAX_FILES} distinct plain *.safetensors names"
+        )
     table = raw.get("pieces")
     if not isinstance(table, dict):
         raise WeightsError(f"{where}: 'pieces' must be an object")
+    # bounds on the piece counts come before any per-piece work
+    total = sum(len(v) for v in table.values() if isinstance(v, list))
+    if total > MAX_PIECES:
+        raise WeightsError(f"{where}: {total} pieces, over the bound of {MAX_PIECES}")
     expected = {p.name: p.shape for p in global_params(shape)}
     if set(table) != set(expected):
         missing, extra = sorted(set(expected) - set(table)), sorted(set(table) - set(expected))
-        raise WeightsError(f"{where}: pieces missing {missing[:3]}, unexpected {extra[:3]}")
+        raise WeightsError(
+            f"{where}: pieces missing {missing[:3]}, unexpected {[_short(e) for e in extra[:3]]}"
+        )
+    width = 5 if hashed else 3
     pieces: dict[str, list[Piece]] = {}
     for name, full in expected.items():
         entries = table[name]
         if not isinstance(entries, list) or not entries:
             raise WeightsError(f"{where}: {name}: no pieces")
+        if len(entries) > MAX_PIECES_PER_TENSOR:
+            raise WeightsError(
+                f"{where}: {name}: {len(entries)} pieces, over {MAX_PIECES_PER_TENSOR}"
+            )
         out = []
         for entry in entries:
-            what = f"{where}: {name}: piece {entry!r}"
-            if not isinstance(entry, list) or len(entry) != 3:
-                raise WeightsError(f"{what} must be [file, offsets, shape]")
+            what = f"{where}: {name}: piece {_short(entry)}"
+            if not isinstance(entry, list) or len(entry) != width:
+                form = (
+                    "[file, offsets, shape, dtype, sha256]" if hashed else "[file, offsets, shape]"
+                )
+                raise WeightsError(f"{what} must be {form}")
             f = entry[0]
             if not isinstance(f, int) or isinstance(f, bool) or not 0 <= f < len(files):
                 raise WeightsError(f"{what}: file index out of range")
+            dtype = sha256 = None
+            if hashed:
+                dtype, sha256 = entry[3], entry[4]
+                if dtype not in _DTYPES:
+                    raise WeightsError(f"{what}: dtype must be one of {sorted(_DTYPES)}")
+                if not isinstance(sha256, str) or not _SHA256.match(sha256):
+                    raise WeightsError(f"{what}: sha256 must be 64 lower-case hex digits")
             piece = Piece(
                 files[f],
                 _int_list(entry[1], len(full), f"{what}: offsets"),
                 _int_list(entry[2], len(full), f"{what}: shape"),
+                dtype,
+                sha256,
             )
             if any(
                 o + n > d or n == 0
@@ -428,16 +695,32 @@ def _parse_index(raw: dict[str, Any], where: Path) -> tuple[ModelShape, dict[str
 
 
 def _check_tiling(name: str, full: tuple[int, ...], pieces: list[Piece], where: Path) -> None:
-    """Pieces inside ``full`` (checked before) that cover its volume without overlapping tile it."""
-    for i, p in enumerate(pieces):
-        for q in pieces[i + 1 :]:
-            if all(
-                max(a, b) < min(a + m, b + n)
-                for a, m, b, n in zip(p.offsets, p.shape, q.offsets, q.shape, strict=True)
-            ):
-                raise WeightsError(f"{where}: {name}: pieces {p.offsets} and {q.offsets} overlap")
-    if sum(p.numel for p in pieces) != _numel(full):
+    """Pieces inside ``full`` (checked before) must be the cells of a grid that tiles it.
+
+    Per dimension, the pieces' offsets are the grid's cut points; the pieces' offset tuples must
+    be exactly the grid's cells (one piece each) and every piece must reach the next cut point
+    (or the tensor's end). That is a partition of the tensor, checked in O(n log n) per
+    dimension. Every layout covenant writes is such a grid (TP splits one dimension evenly);
+    a piece that reaches past the next cut overlaps its neighbour, one that stops short leaves
+    a gap.
+    """
+    cuts = [sorted({p.offsets[k] for p in pieces}) for k in range(len(full))]
+    cells = 1
+    for c in cuts:
+        cells *= len(c)
+        if cells > len(pieces):
+            break
+    if cells != len(pieces) or len({p.offsets for p in pieces}) != len(pieces):
+        raise WeightsError(f"{where}: {name}: pieces overlap or do not form a grid over {full}")
+    if any(c[0] != 0 for c in cuts):
         raise WeightsError(f"{where}: {name}: pieces do not cover {full}")
+    ends = [dict(zip(c, [*c[1:], d], strict=True)) for c, d in zip(cuts, full, strict=True)]
+    for p in pieces:
+        for k, (o, n) in enumerate(zip(p.offsets, p.shape, strict=True)):
+            if o + n > ends[k][o]:
+                raise WeightsError(f"{where}: {name}: pieces at {p.offsets} overlap a neighbour")
+            if o + n < ends[k][o]:
+                raise WeightsError(f"{where}: {name}: pieces do not cover {full}")
 
 
 def _check_files(root: Path, pieces: Mapping[str, list[Piece]]) -> None:

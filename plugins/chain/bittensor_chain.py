@@ -18,6 +18,12 @@ through the SDK's documented ``substrate=`` seam:
 Transport failures (endpoint down, connection dropped) are retried with exponential backoff and
 jitter, then raised as :class:`ChainUnavailableError` (reads) or returned as a skip (weights).
 The SDK is imported lazily: the plugin module must import fast.
+
+What a node answers is untrusted (a hostile or broken RPC endpoint, a chain upgrade): the SDK's
+own decoding of a malformed answer raises whatever Python raises (``KeyError``, ``TypeError``,
+``ValueError``...), so every read decodes inside :meth:`BittensorChain._decoded`, which turns
+those and the SDK's own errors into :class:`ChainError`; and every value is then checked for type
+and range (:mod:`covenant.plugins.chain.validation`) before it becomes a ``Neuron``.
 """
 
 from __future__ import annotations
@@ -36,13 +42,18 @@ from covenant.engine.protocols import (
     ChainError,
     ChainUnavailableError,
     Commitment,
-    CommitmentError,
     Neuron,
     NotRegisteredError,
     WeightsResult,
 )
 from covenant.plugins.chain.config import ChainConfig
-from covenant.plugins.chain.validation import prepare_weights, validate_commitment
+from covenant.plugins.chain.validation import (
+    check_block,
+    check_hotkey,
+    check_neuron,
+    prepare_weights,
+    validate_commitment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,16 @@ T = TypeVar("T")
 
 # One Raw field of the Commitments pallet holds at most 128 bytes (``Data::Raw0..Raw128``).
 RAW_FIELD_MAX_BYTES = 128
+# What decoding a malformed node answer raises, in the SDK or in our conversions.
+_MALFORMED = (
+    TypeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    ArithmeticError,
+    UnicodeError,
+)
 # Chain error names that mean "this hotkey has no uid here".
 _NOT_REGISTERED_NAMES = {"AccountNotAllowedCommit", "HotKeyNotRegisteredInSubNet", "NotRegistered"}
 
@@ -164,6 +185,21 @@ class BittensorChain:
                 self._sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _decoded(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (an SDK read and our conversion of its answer); a malformed answer, or the
+        SDK refusing it, is a :class:`ChainError`. Transport failures still retry in ``_call``."""
+        from bittensor import BittensorError, RpcConnectionError
+
+        try:
+            return fn()
+        except (ChainError, RpcConnectionError):
+            raise
+        except (*_MALFORMED, BittensorError) as exc:
+            raise ChainError(
+                f"bittensor {self.network} (netuid {self.netuid}): {what}: malformed answer "
+                f"from the node ({type(exc).__name__}: {str(exc)[:120]})"
+            ) from None
+
     def block_time(self) -> float:
         """Seconds per block as the chain reports it (cached), else the configured fallback."""
         if self._block_time is None:
@@ -181,7 +217,10 @@ class BittensorChain:
     # -- clock ------------------------------------------------------------------------------------
 
     def block(self) -> int:
-        return int(self._call("read the block", lambda: self.client.block))
+        return self._decoded(
+            "read the block",
+            lambda: check_block(self._call("read the block", lambda: self.client.block)),
+        )
 
     def block_timestamp(self, block: int) -> float:
         current = self.block()
@@ -189,18 +228,20 @@ class BittensorChain:
             stamp = self._call(
                 f"read the timestamp of block {block}", lambda: self.client.timestamp(block=block)
             )
-            return float(stamp.timestamp())
+            return self._decoded("read a timestamp", lambda: float(stamp.timestamp()))
         # Future blocks: predicted from the head's timestamp and the chain's block time.
         head = self._call("read the head timestamp", lambda: self.client.timestamp(block=current))
-        return float(head.timestamp()) + (block - current) * self.block_time()
+        start = self._decoded("read a timestamp", lambda: float(head.timestamp()))
+        return start + (block - current) * self.block_time()
 
     def block_hash(self, block: int) -> str:
         info = self._call(f"read block {block}", lambda: self.client.block_info(block))
-        if info is None or not info.hash:
+        found = self._decoded(f"read block {block}", lambda: None if info is None else info.hash)
+        if not found:
             raise ChainError(
                 f"bittensor {self.network}: block {block} is unknown (not produced yet, or pruned)"
             )
-        return str(info.hash)
+        return str(found)
 
     def wait_for_block(self, block: int, timeout_s: float | None = None) -> int:
         # Polling rather than the SDK's block subscription: survives reconnects and needs
@@ -230,22 +271,35 @@ class BittensorChain:
         return graph
 
     def metagraph(self) -> list[Neuron]:
-        graph = self._metagraph()
-        return [
-            Neuron(
-                uid=int(n.uid),
-                hotkey=str(n.hotkey),
-                stake=float(n.total_stake.rao) / 1e9,  # alpha units; .tao raises off the root net
-                validator_permit=bool(n.validator_permit),
-            )
-            for n in graph.neurons
-        ]
+        def read() -> list[Neuron]:
+            return [
+                check_neuron(
+                    n.uid,
+                    n.hotkey,
+                    # alpha units; .tao raises off the root net
+                    _number(n.total_stake.rao) / 1e9,
+                    n.validator_permit,
+                )
+                for n in self._metagraph().neurons
+            ]
+
+        return self._decoded("read the metagraph", read)
 
     def last_weights_block(self) -> dict[int, int]:
         """uid -> the block its weights were last updated (``last_update``), for status."""
-        return {int(n.uid): int(n.last_update) for n in self._metagraph().neurons if n.last_update}
+        return self._decoded(
+            "read the metagraph",
+            lambda: {
+                check_neuron(n.uid, "-", 0, 0).uid: check_block(n.last_update, "last update")
+                for n in self._metagraph().neurons
+                if n.last_update
+            },
+        )
 
     def commitments(self) -> dict[str, Commitment]:
+        return self._decoded("read commitments", self._commitments)
+
+    def _commitments(self) -> dict[str, Commitment]:
         found = self._call("read commitments", lambda: self.client.subnets.commitments(self.netuid))
         out: dict[str, Commitment] = {}
         for hotkey, entry in dict(found).items():
@@ -258,11 +312,13 @@ class BittensorChain:
                 )
                 continue
             try:
+                check_hotkey(hotkey, "commitment hotkey")
                 validate_commitment(value, self.commitment_max_bytes)
-            except CommitmentError as exc:
-                log.warning("skipping the commitment of %s: %s", hotkey, exc)
+                block = check_block(entry.block, "commitment block")
+            except ChainError as exc:  # CommitmentError is a ChainError
+                log.warning("skipping the commitment of %.64r: %s", hotkey, exc)
                 continue
-            out[str(hotkey)] = Commitment(hotkey=str(hotkey), data=value, block=int(entry.block))
+            out[hotkey] = Commitment(hotkey=hotkey, data=value, block=block)
         return out
 
     # -- writes -----------------------------------------------------------------------------------
@@ -312,6 +368,13 @@ class BittensorChain:
             notes.append(f"commit-reveal: reveals at drand round {data['reveal_round']}")
         block = _block_of(result)
         return WeightsResult(ok=True, reason="; ".join(notes), block=block)
+
+
+def _number(value: Any) -> float:
+    """An int or float from the node (never a bool or a numeric string), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number, got {type(value).__name__}")
+    return float(value)
 
 
 def _block_of(result: Any) -> int | None:

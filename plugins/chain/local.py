@@ -21,6 +21,10 @@ open the same database and see the same blocks, registrations, stakes, commitmen
   reported as :class:`ChainUnavailableError`.
 * **Admin.** Stake and validator permits are set by an unsigned admin call (the swarm launcher
   plays the role of the stakers).
+* **Reads are untrusted.** Anyone who can write the shared folder can write any row, and SQLite
+  stores any type in any column; every value read back is checked for type and range
+  (:mod:`covenant.plugins.chain.validation`) and a malformed one is a :class:`ChainError`
+  (a malformed commitment row is skipped, like an invalid commitment), never a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -47,13 +51,20 @@ from covenant.engine.protocols import (
     ChainError,
     ChainUnavailableError,
     Commitment,
-    CommitmentError,
     Neuron,
     NotRegisteredError,
     WeightsResult,
 )
 from covenant.plugins.chain.config import ChainConfig
-from covenant.plugins.chain.validation import prepare_weights, validate_commitment
+from covenant.plugins.chain.validation import (
+    MAX_UID,
+    check_block,
+    check_hotkey,
+    check_neuron,
+    parse_weight_pairs,
+    prepare_weights,
+    validate_commitment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -313,17 +324,24 @@ class LocalChain:
             return meta
 
         meta = self._write("initialise", init)
-        if int(meta.get("schema_version", "0")) != SCHEMA_VERSION:
+        if meta.get("schema_version") != str(SCHEMA_VERSION):
             raise ChainError(
-                f"local chain {self.path}: schema version {meta.get('schema_version')} is not "
-                f"{SCHEMA_VERSION}; start a new run directory"
+                f"local chain {self.path}: schema version {_short(meta.get('schema_version'))} "
+                f"is not {SCHEMA_VERSION}; start a new run directory"
             )
         # Every process must run the same clock, or they would disagree on blocks and windows.
-        stored = {
-            "block_time_s": float(meta["block_time_s"]),
-            "blocks_per_window": int(meta["blocks_per_window"]),
-            "clock": meta["clock"],
-        }
+        try:
+            stored = {
+                "block_time_s": float(meta["block_time_s"]),
+                "blocks_per_window": int(meta["blocks_per_window"]),
+                "clock": meta["clock"],
+            }
+            genesis_time = float(meta["genesis_time"])
+            genesis_seed = bytes.fromhex(meta["genesis_seed"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ChainError(f"local chain {self.path}: malformed meta table ({exc})") from None
+        if not math.isfinite(genesis_time) or len(genesis_seed) != 32:
+            raise ChainError(f"local chain {self.path}: malformed genesis in the meta table")
         ours = {
             "block_time_s": self.block_time_s,
             "blocks_per_window": self.blocks_per_window,
@@ -335,8 +353,8 @@ class LocalChain:
                     f"[chain] {key} = {ours[key]!r}, but the local chain {self.path} was created with "
                     f"{value!r}; every process of a swarm must use the same value (or a new run dir)"
                 )
-        self.genesis_time = float(meta["genesis_time"])
-        self._genesis_seed = bytes.fromhex(meta["genesis_seed"])
+        self.genesis_time = genesis_time
+        self._genesis_seed = genesis_seed
         self.chain_id = hashlib.blake2b(self._genesis_seed, digest_size=16).hexdigest()
 
     # -- clock ----------------------------------------------------------------------------------
@@ -344,7 +362,10 @@ class LocalChain:
     def _block_in(self, conn: sqlite3.Connection) -> int:
         if self.clock == "manual":
             row = conn.execute("SELECT value FROM meta WHERE key = 'manual_block'").fetchone()
-            return int(row[0])
+            value = row[0] if row is not None else None
+            if not isinstance(value, str) or not value.isdigit() or len(value) > 19:
+                raise ChainError(f"local chain {self.path}: malformed manual block {_short(value)}")
+            return check_block(int(value), "manual block")
         return max(0, math.floor((self._time() - self.genesis_time) / self.block_time_s))
 
     def block(self) -> int:
@@ -406,10 +427,10 @@ class LocalChain:
                 "SELECT uid, hotkey, stake, validator_permit FROM neurons ORDER BY uid"
             ).fetchall(),
         )
-        return [
-            Neuron(uid=int(u), hotkey=h, stake=float(s), validator_permit=bool(p))
-            for u, h, s, p in rows
-        ]
+        try:
+            return [check_neuron(u, h, s, p) for u, h, s, p in rows]
+        except ChainError as exc:
+            raise ChainError(f"local chain {self.path}: malformed neurons row: {exc}") from None
 
     def uid_of(self, hotkey_ss58: str) -> int | None:
         row = self._read(
@@ -418,7 +439,11 @@ class LocalChain:
                 "SELECT uid FROM neurons WHERE hotkey = ?", (hotkey_ss58,)
             ).fetchone(),
         )
-        return None if row is None else int(row[0])
+        if row is None:
+            return None
+        if isinstance(row[0], bool) or not isinstance(row[0], int) or not 0 <= row[0] <= MAX_UID:
+            raise ChainError(f"local chain {self.path}: malformed uid {_short(row[0])}")
+        return int(row[0])
 
     def commitments(self) -> dict[str, Commitment]:
         rows = self._read(
@@ -431,11 +456,13 @@ class LocalChain:
         out: dict[str, Commitment] = {}
         for hotkey, data, block in rows:
             try:
+                check_hotkey(hotkey, "commitment hotkey")
+                check_block(block, "commitment block")
                 validate_commitment(data, self.commitment_max_bytes)
-            except CommitmentError as exc:
-                log.warning("skipping the commitment of %s: %s", hotkey, exc)
+            except ChainError as exc:  # CommitmentError is a ChainError
+                log.warning("skipping the commitment of %s: %s", _short(hotkey), exc)
                 continue
-            out[hotkey] = Commitment(hotkey=hotkey, data=data, block=int(block))
+            out[hotkey] = Commitment(hotkey=hotkey, data=data, block=block)
         return out
 
     def weights_history(self, limit: int = 100) -> list[WeightsRecord]:
@@ -446,10 +473,18 @@ class LocalChain:
                 "SELECT block, uid, hotkey, weights FROM weights ORDER BY id DESC LIMIT ?", (limit,)
             ).fetchall(),
         )
-        return [
-            WeightsRecord(int(b), int(u), h, {int(k): float(v) for k, v in json.loads(w)})
-            for b, u, h, w in rows
-        ]
+        try:
+            return [
+                WeightsRecord(
+                    check_block(b),
+                    check_neuron(u, h, 0, 0).uid,
+                    check_hotkey(h),
+                    parse_weight_pairs(w, f"weights of uid {_short(u)}"),
+                )
+                for b, u, h, w in rows
+            ]
+        except ChainError as exc:
+            raise ChainError(f"local chain {self.path}: malformed weights row: {exc}") from None
 
     def last_weights_block(self) -> dict[int, int]:
         """uid -> block of its current hotkey's latest weight set."""
@@ -460,7 +495,10 @@ class LocalChain:
                 "ON n.uid = w.uid AND n.hotkey = w.hotkey GROUP BY w.uid"
             ).fetchall(),
         )
-        return {int(u): int(b) for u, b in rows}
+        try:
+            return {check_neuron(u, "-", 0, 0).uid: check_block(b) for u, b in rows}
+        except ChainError as exc:
+            raise ChainError(f"local chain {self.path}: malformed weights row: {exc}") from None
 
     # -- admin (unsigned: the swarm launcher plays the stakers) -------------------------------
 
@@ -529,7 +567,7 @@ class LocalChain:
     @staticmethod
     def _nonce(conn: sqlite3.Connection, hotkey: str) -> int:
         row = conn.execute("SELECT nonce FROM nonces WHERE hotkey = ?", (hotkey,)).fetchone()
-        return 0 if row is None else int(row[0])
+        return 0 if row is None else check_block(row[0], "nonce")
 
     def _apply(self, conn: sqlite3.Connection, ext: SignedExtrinsic) -> Any:
         """The node side: check everything about an untrusted extrinsic, then apply it."""
@@ -685,3 +723,8 @@ class LocalChain:
 def _skip(reason: str) -> WeightsResult:
     log.warning("weights not set: %s", reason)
     return WeightsResult(ok=False, reason=reason)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

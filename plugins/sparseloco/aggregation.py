@@ -41,9 +41,23 @@ def lower_median(values: Sequence[float]) -> float:
 
 
 def clip_factors(norms: Sequence[float], eps: float) -> list[float]:
-    """Per-peer factors ``min(1, median / (norm + eps))`` as float32-representable floats."""
+    """Per-peer factors ``min(1, median / (norm + eps))`` as float32-representable floats.
+
+    ``norm + eps == 0`` (an all-zero peer with ``norm_eps = 0``, which the config allows) has
+    factor 1: the limit of ``min(1, median / x)`` as ``x -> 0+``, and, since the peer's values are
+    all zero, it contributes nothing whatever its factor. So never a division by zero, never NaN.
+    A peer with a non-finite norm gets 0 (it is dropped).
+    """
     med = lower_median(norms)
-    return [to_float32(min(1.0, med / (n + eps))) if math.isfinite(n) else 0.0 for n in norms]
+
+    def factor(n: float) -> float:
+        if not math.isfinite(n):
+            return 0.0
+        if n + eps == 0.0:
+            return 1.0
+        return to_float32(min(1.0, med / (n + eps)))
+
+    return [factor(n) for n in norms]
 
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]

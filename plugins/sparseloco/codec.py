@@ -391,6 +391,8 @@ def _prepare(name: str, sl: TensorSlice, config: SparseLoCoConfig) -> _Prepared:
         )
     )
     k = kept_per_tile(geom, config)
+    if config.selection == "random":
+        return _prepare_random(name, matrix, geom, k, block)
     idx, vals = _select_block(matrix, geom, k, config.chunk_elements)
     # Non-finite magnitudes always win the top-k, so checking the kept values covers the tensor.
     # A finite sum proves every kept value finite (NaN or inf would make it non-finite); only
@@ -398,6 +400,26 @@ def _prepare(name: str, sl: TensorSlice, config: SparseLoCoConfig) -> _Prepared:
     if not math.isfinite(float(vals.sum())) and not bool(torch.isfinite(vals).all()):
         raise EncodeError(f"tensor {name!r}: contains NaN or infinity; refusing to encode it")
     return _Prepared(name, geom, k, block, idx, vals)
+
+
+def _prepare_random(
+    name: str, matrix: torch.Tensor, geom: TileGeometry, k: int, block: TileBlock
+) -> _Prepared:
+    """``selection="random"``: a uniformly random k-subset of every tile (an ablation of top-k).
+
+    Random int32 keys from torch's default generator on the matrix's device take the place of
+    the magnitude keys, so the indices come out of the same canonical top-k (sorted, no
+    repeats). Top-k's argument that non-finite values always win does not hold here, so the
+    whole matrix is checked.
+    """
+    if not bool(torch.isfinite(matrix).all()):
+        raise EncodeError(f"tensor {name!r}: contains NaN or infinity; refusing to encode it")
+    th, tw = geom.tile_rows, geom.tile_cols
+    gr, gc = matrix.shape[0] // th, matrix.shape[1] // tw
+    tiles = matrix.reshape(gr, th, gc, tw).permute(0, 2, 1, 3).reshape(gr * gc, th * tw)
+    keys = torch.randint(0, _ABS_MASK, tiles.shape, dtype=torch.int32, device=matrix.device)
+    idx = _topk_keys(keys, k)
+    return _Prepared(name, geom, k, block, idx, torch.gather(tiles, 1, idx))
 
 
 def _batch_steps(prepared: Sequence[_Prepared], config: SparseLoCoConfig) -> BatchSteps:

@@ -35,6 +35,12 @@ class SparseLoCoConfig(BaseModel):
         "min_k", description="min_k: min(k, L) per tile; density: max(1, round(L*k/density_tile))"
     )
     density_tile: int = Field(4096, ge=1, description="reference tile length of the density rule")
+    selection: Literal["topk", "random"] = Field(
+        "topk",
+        description="topk: the k largest |values| per tile (SPEC 4.4); random: a uniformly "
+        "random k-subset per tile drawn from torch's default generator (an ablation: same wire "
+        "format and residual, only the choice of indices differs)",
+    )
 
     # --- quantiser (SPEC 4.5) ------------------------------------------------------------
     quantizer: Literal["reference", "symmetric", "none"] = Field(

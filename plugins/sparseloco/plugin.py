@@ -32,8 +32,29 @@ def covenant_add_config_sections(register: Callable[[str, type[BaseModel]], None
 
 
 def _codec_benchmark(**options: Any) -> dict[str, Any]:
-    from covenant.plugins.sparseloco.bench import run_codec_benchmark
+    import inspect
 
+    from covenant.engine.errors import ConfigError
+    from covenant.plugins.sparseloco.bench import PRESETS, run_codec_benchmark
+
+    # `covenant bench codec --opt k=v` passes user text as keywords: an unknown one is a user
+    # error (one line, exit 2), not a TypeError traceback
+    accepted = inspect.signature(run_codec_benchmark).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"bench codec: unknown --opt {', '.join(map(repr, unknown))} "
+            f"(accepted: {', '.join(accepted)})"
+        )
+    for key, value in options.items():
+        default = accepted[key].default
+        want = str if default is None else type(default)  # device: str or None
+        if type(value) is not want:  # exact: True is not an int here
+            raise ConfigError(f"bench codec: --opt {key}={value!r} must be of type {want.__name__}")
+        if key in ("preset", "scale_to") and value not in PRESETS:
+            raise ConfigError(f"bench codec: --opt {key}={value!r}: known {', '.join(PRESETS)}")
+        if key in ("peers", "distinct_peers", "repeats") and not 1 <= int(value) <= 10_000:
+            raise ConfigError(f"bench codec: --opt {key}={value} must be in 1..10000")
     return run_codec_benchmark(**options)
 
 

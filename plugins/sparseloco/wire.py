@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from covenant.engine.untrusted import UntrustedInputError, loads_json
 from covenant.plugins.sparseloco.codec import TensorPiece, decode_levels
 from covenant.plugins.sparseloco.config import SparseLoCoConfig
 from covenant.plugins.sparseloco.errors import (
@@ -72,6 +73,7 @@ _TRAILER = struct.Struct("<I")
 _TABLE_BYTES = 5 * 4
 _ENTRY_KEYS = {"name", "shape", "tile", "k", "value_bytes", "index_bytes_per_tile"}
 _HEADER_KEYS = {"format", "quantizer", "tensors"}
+_HEADER_DEPTH = 4  # {"tensors": [{"shape": [...]}]}
 _DEFAULT = SparseLoCoConfig()
 
 
@@ -538,10 +540,16 @@ def parse_payload(
     if _PREFIX.size + header_len > size - _TRAILER.size:
         raise PayloadSizeError(f"header of {header_len} bytes runs past the end of the payload")
     header_raw = bytes(mv[_PREFIX.size : _PREFIX.size + header_len])
+    # the bounded reader: no RecursionError from a nested header, no duplicate keys (two
+    # decoders must not read one header two ways), no NaN, no 5,000-digit integers
     try:
-        header = json.loads(header_raw.decode("ascii"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PayloadFormatError(f"header is not valid ASCII JSON: {exc}") from None
+        if not header_raw.isascii():
+            raise UntrustedInputError("header", "not ASCII")
+        header = loads_json(
+            header_raw, what="header", max_bytes=config.max_header_bytes, max_depth=_HEADER_DEPTH
+        )
+    except UntrustedInputError as exc:
+        raise PayloadFormatError(f"header is not valid ASCII JSON: {exc.problem}") from None
     if not isinstance(header, dict) or set(header) != _HEADER_KEYS:
         raise PayloadFormatError(f"header must be an object with keys {sorted(_HEADER_KEYS)}")
     if header["format"] != FORMAT_NAME:

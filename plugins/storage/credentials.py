@@ -14,10 +14,21 @@ read-only credentials others use to fetch its uploads. Two forms are accepted:
 
       v1|https://host[:port]|bucket[/prefix]|key_id|secret
 
-  ``http://`` is accepted only for loopback hosts (tests, local S3 servers). For the embedded
-  single-machine mode, ``v1|file:///abs/path`` and ``v1|memory://name`` name a local store; the
-  parser accepts them only when asked to (``allow_local=True``), because a chain commitment must
-  not make a validator read its own disk in production.
+  For the embedded single-machine mode, ``v1|file:///abs/path`` and ``v1|memory://name`` name a
+  local store; the parser accepts them only when asked to (``allow_local=True``), because a chain
+  commitment must not make a validator read its own disk in production.
+
+**Endpoint policy.** A commitment is written by anyone and every miner and validator connects to
+its endpoint, so a hostile one could point them all at a cloud metadata service or a host on
+their internal network (server-side request forgery). Unless the local mode is enabled
+(``allow_local=True``: the local swarm, tests against a local S3 server), an endpoint must be
+``https://`` to a host that is public *by its literal form*: an IP literal must be a global
+unicast address (in any encoding a resolver would accept: ``2130706433``, ``0x7f.1``,
+``0177.0.0.1`` and ``[::ffff:127.0.0.1]`` are refused as the loopback address they are) and a
+name must be a dotted DNS name outside the special-use suffixes (``localhost``, ``local``,
+``internal``, ...). Names are not resolved here (a public name may still resolve to a private
+address; see docs/SECURITY.md). In the local mode any host is allowed and ``http://`` too, but
+only to a local host.
 
 Limit: a commitment is at most :data:`COMMITMENT_MAX_BYTES` = 128 bytes, the largest ``Raw``
 field of the chain's commitments pallet (``Raw0`` ... ``Raw128``), so it always fits one field.
@@ -31,6 +42,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -56,8 +68,12 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SECRET = re.compile(r"^[A-Za-z0-9+/=_-]{1,100}$")
 _HOST = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _AWS_REGION = re.compile(r"^s3[.-]([a-z0-9-]+)\.amazonaws\.com$")
-_LOOPBACK_NAMES = {"localhost"}
+# special-use and private-network suffixes (RFC 6761, 6762, 8375; ICANN's ".internal"): they name
+# this machine or a host of its own network, never a peer's public bucket
+_LOCAL_SUFFIXES = ("localhost", "local", "internal", "home.arpa", "localdomain", "lan", "invalid")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 @dataclass(frozen=True)
@@ -95,24 +111,111 @@ def r2_credentials(account_id: str, key_id: str, secret: str) -> ReadCredentials
     )
 
 
-def _is_loopback(host: str) -> bool:
-    if host in _LOOPBACK_NAMES:
-        return True
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``host`` denotes if it is an IP literal in *any* form a resolver accepts.
+
+    ``ipaddress`` only reads canonical dotted quads, but ``getaddrinfo`` (and so botocore) also
+    reads ``inet_aton``'s forms: ``2130706433``, ``0x7f000001``, ``0177.0.0.1``, ``127.1``.
+    """
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host)
     except ValueError:
-        return False
+        pass
+    if ":" in host:
+        return None  # an IPv6 literal that ipaddress refused: not an address, not a name
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
-def _check_endpoint(endpoint: str) -> tuple[str, str]:
+def _embedded_v4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, 6to4, Teredo client, NAT64), if any."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr.teredo is not None:
+        return addr.teredo[1]
+    if addr in _NAT64:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
+
+
+def _address_problem(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why ``addr`` is not a public unicast address, or ``None`` if it is."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.scope_id:
+            return "has a zone id"
+        inner = _embedded_v4(addr)
+        if inner is not None:
+            problem = _address_problem(inner)
+            return f"embeds {inner}, which {problem}" if problem else None
+    for flag, what in (
+        ("is_unspecified", "is unspecified"),
+        ("is_loopback", "is loopback"),
+        ("is_link_local", "is link-local"),
+        ("is_multicast", "is multicast"),
+        ("is_private", "is private"),
+        ("is_reserved", "is reserved"),
+    ):
+        if getattr(addr, flag):
+            return what
+    if not addr.is_global:  # e.g. shared address space 100.64.0.0/10
+        return "is not a global address"
+    return None
+
+
+def _is_local_name(name: str) -> bool:
+    return any(name == s or name.endswith("." + s) for s in _LOCAL_SUFFIXES)
+
+
+def _host_problem(host: str) -> str | None:
+    """Why ``host`` (lower case, no brackets) is not a public host by its literal form."""
+    addr = _ip_literal(host)
+    if addr is not None:
+        problem = _address_problem(addr)
+        if problem:
+            return f"address {addr} {problem}"
+        if str(addr) != host:
+            return f"an IP address must be written canonically ({addr})"
+        return None
+    name = host.removesuffix(".")
+    labels = name.split(".")
+    if len(labels) < 2:  # a bare name resolves through the search domains: an internal host
+        return "is a single-label name"
+    if not all(_LABEL.match(label) for label in labels):
+        return "is not a valid DNS name"
+    if labels[-1].isdigit():  # a numeric last label is read as an address, never a TLD
+        return "ends in a numeric label"
+    if _is_local_name(name):
+        return "is a local or special-use name"
+    return None
+
+
+def _is_local_host(host: str) -> bool:
+    """Whether ``host`` is this machine or its network (where the local mode may use http)."""
+    addr = _ip_literal(host)
+    if addr is not None:
+        return _address_problem(addr) is not None
+    name = host.removesuffix(".")
+    return "." not in name or _is_local_name(name)
+
+
+def _check_endpoint(endpoint: str, allow_local: bool) -> tuple[str, str]:
     """``(endpoint, host)`` of a bare ``https://host[:port]`` URL, else CommitmentError."""
     try:
         parts = urlsplit(endpoint)
         port = parts.port
+        host = (parts.hostname or "").lower()
     except ValueError as exc:
         raise CommitmentError(f"commitment endpoint {endpoint!r} is not a URL: {exc}") from None
-    host = parts.hostname or ""
-    if parts.scheme not in ("https", "http") or not _HOST.match(host):
+    v6 = parts.netloc.rpartition("@")[2].startswith("[")
+    if (
+        parts.scheme not in ("https", "http")
+        or not (_HOST.match(host) or (v6 and ":" in host))
+        or port == 0
+    ):
         raise CommitmentError(f"commitment endpoint {endpoint!r} must be https://host[:port]")
     if (
         parts.username
@@ -122,9 +225,24 @@ def _check_endpoint(endpoint: str) -> tuple[str, str]:
         or parts.path not in ("", "/")
     ):
         raise CommitmentError(f"commitment endpoint {endpoint!r} must have no path or user part")
-    if parts.scheme == "http" and not _is_loopback(host):
-        raise CommitmentError(f"commitment endpoint {endpoint!r}: plain http only for loopback")
-    netloc = f"{host}:{port}" if port is not None else host
+    if v6 and not isinstance(_ip_literal(host), ipaddress.IPv6Address):
+        raise CommitmentError(f"commitment endpoint {endpoint!r}: not an IPv6 address")
+    if allow_local:
+        if parts.scheme == "http" and not _is_local_host(host):
+            raise CommitmentError(
+                f"commitment endpoint {endpoint!r}: plain http only for a local host"
+            )
+    else:
+        problem = _host_problem(host)
+        if problem:
+            raise CommitmentError(
+                f"commitment endpoint {endpoint!r}: host {problem}; remote endpoints must be "
+                "public hosts (private and local addresses only in the local mode)"
+            )
+        if parts.scheme != "https":
+            raise CommitmentError(f"commitment endpoint {endpoint!r}: remote endpoints need https")
+    shown = f"[{host}]" if v6 else host
+    netloc = f"{shown}:{port}" if port is not None else shown
     return f"{parts.scheme}://{netloc}", host
 
 
@@ -136,7 +254,12 @@ def _region_for(host: str, r2: bool) -> str | None:
 
 
 def parse_commitment(text: object, *, allow_local: bool = False) -> ReadCredentials:
-    """Parse a commitment string (legacy R2 or ``v1|...``); strict, typed errors only."""
+    """Parse a commitment string (legacy R2 or ``v1|...``); strict, typed errors only.
+
+    ``allow_local`` enables the local mode: ``file://``/``memory://`` stores, and endpoints on
+    loopback or private hosts (over ``http://`` too). Off, the endpoint must be a public host
+    (see the module docstring).
+    """
     if not isinstance(text, str):
         raise CommitmentError(f"commitment must be a string, got {type(text).__name__}")
     if not text.isascii() or not text.isprintable():
@@ -161,7 +284,7 @@ def parse_commitment(text: object, *, allow_local: bool = False) -> ReadCredenti
             f"got {len(fields)}"
         )
     _, endpoint, location, key_id, secret = fields
-    endpoint, host = _check_endpoint(endpoint)
+    endpoint, host = _check_endpoint(endpoint, allow_local)
     bucket, _, prefix = location.partition("/")
     if not _BUCKET.match(bucket):
         raise CommitmentError(f"commitment bucket {bucket!r} is not a valid bucket name")
@@ -188,7 +311,10 @@ def parse_commitment(text: object, *, allow_local: bool = False) -> ReadCredenti
 def _parse_local(url: str, allow_local: bool) -> ReadCredentials:
     if not allow_local:
         raise CommitmentError("commitment names a local store, which this reader does not allow")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. 'file://[' (an unclosed IPv6 bracket)
+        raise CommitmentError(f"commitment local store {url!r} is not a URL: {exc}") from None
     if parts.scheme == "file" and parts.path.startswith("/") and not parts.netloc:
         path = parts.path.rstrip("/")
         if path and ".." not in path.split("/") and "\\" not in path:

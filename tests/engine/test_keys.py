@@ -73,6 +73,8 @@ def test_mnemonic_and_seed_files(tmp_path: Path) -> None:
     ("content", "match"),
     [
         ("{not json", "malformed key file JSON"),
+        ('{"x": ' + "[" * 5000 + "]" * 5000 + "}", "nested deeper"),  # was a RecursionError
+        ('{"secret_seed": 1' + "0" * 5000 + "}", "longer than 64 digits"),  # was a ValueError
         ('{"secret_seed": "0x1234"}', "no valid 'secret_seed'"),
         ("[1, 2]", "not a key file"),
         ("just some words here", "not a key file"),

@@ -93,10 +93,10 @@ def test_outer_step_comes_from_records_completed_by_own_applies(tmp_path: Path) 
 def test_a_miner_waits_for_the_start_window_and_says_when_it_fell_behind(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock, chain, _ = _clock(tmp_path, start=None, start_wait_s=3.0)
+    clock, _, _ = _clock(tmp_path, start=None, start_wait_s=3.0)
     with pytest.raises(Exception, match="start_window"):
         next(clock.windows(PeerState()))
-    clock, chain, exchange = _clock(tmp_path / "b", start=2)
+    clock, chain, _ = _clock(tmp_path / "b", start=2)
     chain.advance(25)  # window 2
     state = PeerState()
     windows = clock.windows(state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from covenant.models.weights import (
     LEGACY_FILE,
     WeightsError,
     build_index,
+    file_digests,
     find_full_weights,
     open_full_weights,
     save_full_weights,
@@ -43,6 +45,7 @@ def full_and_shape() -> tuple[dict[str, torch.Tensor], Any]:
 def _write_as_tp2(full: dict[str, torch.Tensor], shape: Any, root: Path) -> None:
     """What a TP=2 peer writes: rank r's boxes in shard-0000r (norms only from rank 0)."""
     sources = []
+    digests = {}
     for rank in (0, 1):
         mine = {}
         for p in global_params(shape):
@@ -53,8 +56,9 @@ def _write_as_tp2(full: dict[str, torch.Tensor], shape: Any, root: Path) -> None
             mine[p.name] = full[p.name][
                 tuple(slice(o, o + n) for o, n in zip(s.offsets, s.local_shape, strict=True))
             ]
-        write_pieces(root, rank, mine)
-    write_index(root, build_index(shape, sources))
+        path = write_pieces(root, rank, mine)
+        digests.update({(rank, k): v for k, v in file_digests(path).items()})
+    write_index(root, build_index(shape, sources, digests))
 
 
 def test_runtime_save_reads_back_exactly(full_and_shape: Any, tmp_path: Path) -> None:
@@ -106,7 +110,9 @@ def test_version_1_directories_still_read(full_and_shape: Any, tmp_path: Path) -
     full, shape = full_and_shape
     save_file(full, str(tmp_path / LEGACY_FILE))
     (tmp_path / INDEX_FILE).write_text(json.dumps(shape.to_dict()))
-    got = open_full_weights(tmp_path).to_dict()
+    with pytest.raises(WeightsError, match="no content hashes"):  # nothing to verify: opt in
+        open_full_weights(tmp_path)
+    got = open_full_weights(tmp_path, allow_unhashed=True).to_dict()
     assert all(torch.equal(got[k], full[k]) for k in full)
 
 
@@ -192,3 +198,152 @@ def test_run_on_all_raises_everywhere_with_the_failing_message() -> None:
 
     with pytest.raises(ParallelError, match="rank 0 failed: OSError: disk full"):
         run_on_all(boom)
+
+
+EMB = "embedding.word_embeddings.weight"
+
+
+def test_a_piece_pointed_at_the_wrong_file_of_the_same_shape_is_an_error(
+    full_and_shape: Any, tmp_path: Path
+) -> None:
+    full, shape = full_and_shape
+    _write_as_tp2(full, shape, tmp_path)
+    # rank 1's file also holds a QKV half of exactly this shape: same name, shape and dtype
+    _tamper(tmp_path, lambda i: i["pieces"][QKV][0].__setitem__(0, 1))
+    weights = open_full_weights(tmp_path)
+    with pytest.raises(WeightsError, match="content hash"):
+        weights.read(QKV)
+    with pytest.raises(WeightsError, match="content hash"):
+        weights.verify()
+    assert torch.equal(weights.read(NORM), full[NORM])  # the untouched pieces still read
+
+
+def test_a_replaced_file_is_caught_by_the_hashes(full_and_shape: Any, tmp_path: Path) -> None:
+    full, shape = full_and_shape
+    save_full_weights(full, shape, tmp_path / "a")
+    save_full_weights({k: v + 1 for k, v in full.items()}, shape, tmp_path / "b")
+    shard = "shard-00000.safetensors"
+    (tmp_path / "a" / shard).write_bytes((tmp_path / "b" / shard).read_bytes())
+    with pytest.raises(WeightsError, match="content hash"):
+        open_full_weights(tmp_path / "a").read(NORM)
+
+
+def test_index_records_dtype_and_hash_per_piece(full_and_shape: Any, tmp_path: Path) -> None:
+    import hashlib
+
+    full, shape = full_and_shape
+    save_full_weights(full, shape, tmp_path)
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    assert index["version"] == 3
+    file, offsets, box, dtype, sha = index["pieces"][NORM][0]
+    assert (file, offsets, box, dtype) == (0, [0], list(full[NORM].shape), "F32")
+    assert sha == hashlib.sha256(full[NORM].contiguous().numpy().tobytes()).hexdigest()
+    weights = open_full_weights(tmp_path)
+    weights.verify()
+    assert torch.equal(weights.read(NORM), full[NORM])
+
+
+def test_version_2_indexes_need_the_opt_in(full_and_shape: Any, tmp_path: Path) -> None:
+    full, shape = full_and_shape
+    _write_as_tp2(full, shape, tmp_path)
+
+    def to_v2(index: dict[str, Any]) -> None:
+        index["version"] = 2
+        for entries in index["pieces"].values():
+            for e in entries:
+                del e[3:]
+
+    _tamper(tmp_path, to_v2)
+    with pytest.raises(WeightsError, match="no content hashes"):
+        open_full_weights(tmp_path)
+    got = open_full_weights(tmp_path, allow_unhashed=True).to_dict()
+    assert all(torch.equal(got[k], full[k]) for k in full)
+
+
+def _split_rows(index: dict[str, Any], name: str, rows: int, cols: int, n: int) -> None:
+    step = rows // n
+    digest = index["pieces"][name][0][3:]
+    index["pieces"][name] = [[0, [r, 0], [step, cols], *digest] for r in range(0, rows, step)]
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda i: i["shape"].update(layers=10**6), "layers 1000000 is over"),
+        (lambda i: i["shape"].update(vocab=10**9), "vocab 1000000000 is over"),
+        (lambda i: i["shape"].update(hidden=1 << 24, heads=1, kv_heads=1), "parameters"),
+        (lambda i: i["shape"].update(name="x" * 1000), "too long"),
+        (lambda i: i["shape"].update(vocab=int("9" * 80)), "longer than"),
+        (lambda i: i["files"].extend(f"f{n}.safetensors" for n in range(70_000)), "at most"),
+        (
+            lambda i: i["pieces"].update({EMB: [[0, [0, 0], [1, 1], "F32", "0" * 64]] * 5000}),
+            "over",
+        ),
+        (lambda i: i["pieces"][NORM][0].__setitem__(3, "I64"), "dtype"),
+        (lambda i: i["pieces"][NORM][0].__setitem__(4, "XYZ"), "sha256"),
+        (lambda i: i["pieces"][NORM][0].pop(), r"\[file, offsets, shape, dtype, sha256\]"),
+        (lambda i: i["pieces"][QKV][1][1].__setitem__(0, 1), "overlap"),
+        (lambda i: i["pieces"][QKV][0][1].__setitem__(0, 1), "overlap|cover"),
+        (lambda i: i.update(deep=[[[[[[[[0]]]]]]]]), "nested deeper"),
+    ],
+)
+def test_every_number_is_bounded_before_the_work_it_bounds(
+    full_and_shape: Any, tmp_path: Path, edit: Any, match: str
+) -> None:
+    full, shape = full_and_shape
+    _write_as_tp2(full, shape, tmp_path)
+    _tamper(tmp_path, edit)
+    with pytest.raises(WeightsError, match=match):
+        open_full_weights(tmp_path)
+
+
+def test_pieces_must_form_a_grid(full_and_shape: Any, tmp_path: Path) -> None:
+    full, shape = full_and_shape
+    save_full_weights(full, shape, tmp_path)
+    rows, cols = full[EMB].shape
+    digest = json.loads((tmp_path / INDEX_FILE).read_text())["pieces"][EMB][0][3:]
+
+    def brick_wall(i: dict[str, Any]) -> None:  # a tiling, but not a grid: refused
+        h, w = rows // 2, cols // 2
+        i["pieces"][EMB] = [
+            [0, [0, 0], [h, cols], *digest],
+            [0, [h, 0], [h, w], *digest],
+            [0, [h, w], [h, w], *digest],
+        ]
+
+    _tamper(tmp_path, brick_wall)
+    with pytest.raises(WeightsError, match="grid"):
+        open_full_weights(tmp_path)
+
+    def gap_at_start(i: dict[str, Any]) -> None:
+        i["pieces"][EMB] = [[0, [1, 0], [rows - 1, cols], *digest]]
+
+    _tamper(tmp_path, gap_at_start)
+    with pytest.raises(WeightsError, match="cover"):
+        open_full_weights(tmp_path)
+
+
+def test_many_pieces_are_checked_in_n_log_n(full_and_shape: Any, tmp_path: Path) -> None:
+    full, shape = full_and_shape
+    save_full_weights(full, shape, tmp_path)
+    rows, cols = full[EMB].shape  # 512 rows: 512 one-row pieces, a valid grid
+    _tamper(tmp_path, lambda i: _split_rows(i, EMB, rows, cols, rows))
+    start = time.process_time()
+    for _ in range(5):
+        weights = open_full_weights(tmp_path)
+    assert time.process_time() - start < 5.0
+    with pytest.raises(WeightsError, match="stored as"):  # the file holds one whole tensor
+        weights.read(EMB, (1, 0), (1, cols))
+
+
+def test_the_tiling_check_is_not_quadratic() -> None:
+    from covenant.models.weights import Piece, _check_tiling
+
+    n = 4096  # pairwise, 8.4 million box comparisons: seconds; sorted cut points: milliseconds
+    pieces = [Piece("f.safetensors", (r, 0), (1, 8)) for r in range(n)]
+    start = time.process_time()
+    _check_tiling("t", (n, 8), pieces, Path("index"))
+    assert time.process_time() - start < 1.0
+    pieces[-1] = Piece("f.safetensors", (n - 2, 0), (2, 8))
+    with pytest.raises(WeightsError, match="overlap"):
+        _check_tiling("t", (n, 8), pieces, Path("index"))

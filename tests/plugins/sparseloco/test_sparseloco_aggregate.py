@@ -119,3 +119,21 @@ def test_aggregate_is_deterministic_and_order_defined() -> None:
     b = sl.aggregate(payloads, SHAPES)
     assert all(torch.equal(a[n], b[n]) for n in SHAPES)
     assert sl.aggregate([], SHAPES) == {}
+
+
+def test_zero_eps_with_an_all_zero_peer_is_defined() -> None:
+    """norm_eps = 0 is allowed; an all-zero peer (norm 0) must not divide by zero or give NaN."""
+    from covenant.plugins.sparseloco.aggregation import clip_factors
+
+    assert clip_factors([0.0, 2.0, 4.0], 0.0) == [1.0, 1.0, 0.5]
+    assert clip_factors([0.0, 0.0, 0.0], 0.0) == [1.0, 1.0, 1.0]  # median 0: 0/0 is 1, not NaN
+    assert clip_factors([0.0, float("inf")], 0.0) == [1.0, 0.0]
+    cfg = sl.SparseLoCoConfig(norm_eps=0.0)
+    zero = {n: torch.zeros(s) for n, s in SHAPES.items()}
+    live = _peer(1, 1.0)
+    for peers in ([zero], [zero, zero], [zero, live], [live, zero, zero]):
+        got = sl.aggregate([sl.encode(p) for p in peers], SHAPES, cfg)
+        assert all(bool(torch.isfinite(t).all()) for t in got.values())
+    alone = sl.aggregate([sl.encode(live)], SHAPES, cfg)
+    mixed = sl.aggregate([sl.encode(zero), sl.encode(live)], SHAPES, cfg)
+    assert set(mixed) == set(alone)

@@ -62,7 +62,13 @@ def test_v1_layout_round_trips() -> None:
         "v1|",
         "v1|https://h|b|k",
         "v1|ftp://host|bucket|k|s",
-        "v1|http://example.com|bucket|k|s",  # plain http off loopback
+        "v1|http://example.com|bucket|k|s",  # plain http to a remote host
+        "v1|https://[|bucket|k|s",
+        "v1|https://[::1|bucket|k|s",
+        "v1|https://[1.2.3.4]|bucket|k|s",
+        "v1|https://[not-v6]|bucket|k|s",
+        "v1|https://host:0|bucket|k|s",
+        "v1|file://[",  # an unclosed bracket escaped as ValueError from urlsplit
         "v1|https://user:pw@host|bucket|k|s",
         "v1|https://host/path|bucket|k|s",
         "v1|https://host:99999|bucket|k|s",
@@ -125,7 +131,9 @@ def test_read_transport_reads_a_peer_bucket(
             secret=CREDS.secret,
         )
     )
-    reader = read_transport_for(text, fast_cfg)
+    with pytest.raises(CommitmentError, match="loopback"):  # moto is local: refused by default
+        read_transport_for(text, fast_cfg)
+    reader = read_transport_for(text, fast_cfg, allow_local=True)
     assert isinstance(reader, S3Transport)
     result = fetch_verified(
         reader,
@@ -143,3 +151,74 @@ def test_read_transport_for_local_store_creates_nothing(tmp_path: object) -> Non
     root = Path(str(tmp_path)) / "peer"
     t = read_transport_for(f"v1|file://{root}", allow_local=True)
     assert t.head("x") is None and not root.exists()
+
+
+PRIVATE_HOSTS = [
+    "127.0.0.1",
+    "127.0.0.1:9000",
+    "127.1",  # inet_aton's short form
+    "2130706433",  # decimal integer host
+    "0x7f000001",  # hex integer host
+    "0x7f.0.0.1",
+    "0177.0.0.1",  # octal
+    "0.0.0.0",
+    "10.1.2.3",
+    "172.16.0.1",
+    "192.168.1.1",
+    "169.254.169.254",  # cloud metadata service
+    "100.64.0.1",  # shared address space
+    "224.0.0.1",  # multicast
+    "240.0.0.1",  # reserved
+    "255.255.255.255",
+    "[::1]",
+    "[::]",
+    "[fe80::1]",
+    "[fd00:ec2::254]",  # AWS metadata over IPv6
+    "[ff02::1]",
+    "[::ffff:127.0.0.1]",  # IPv4-mapped
+    "[::ffff:a9fe:a9fe]",
+    "[64:ff9b::a9fe:a9fe]",  # NAT64 of the metadata address
+    "[2002:7f00:1::]",  # 6to4 of loopback
+    "[fe80::1%25eth0]",  # zone id
+    "localhost",
+    "localhost.",
+    "LOCALHOST",
+    "foo.localhost",
+    "metadata.google.internal",
+    "printer.local",
+    "router.home.arpa",
+    "metadata",  # a single label resolves through the search domains
+    "host.123",  # numeric last label: read as an address by resolvers
+    "08.8.8.8",
+]
+
+
+@pytest.mark.parametrize("host", PRIVATE_HOSTS)
+def test_remote_endpoints_must_be_public_hosts(host: str) -> None:
+    for scheme in ("https", "http"):
+        with pytest.raises(CommitmentError, match=r"public hosts|https"):
+            parse_commitment(f"v1|{scheme}://{host}|bucket|k|s")
+
+
+@pytest.mark.parametrize(
+    "host", [h for h in PRIVATE_HOSTS if h not in ("[fe80::1%25eth0]", "host.123", "08.8.8.8")]
+)
+def test_local_mode_allows_local_hosts_over_http(host: str) -> None:
+    creds = parse_commitment(f"v1|http://{host}|bucket|k|s", allow_local=True)
+    assert creds.endpoint_url is not None and creds.endpoint_url.startswith("http://")
+
+
+@pytest.mark.parametrize(
+    "host", ["s3.eu-west-1.amazonaws.com", "8.8.8.8", "[2001:4860:4860::8888]", "Example.COM"]
+)
+def test_public_hosts_are_allowed_over_https_only(host: str) -> None:
+    creds = parse_commitment(f"v1|https://{host}:443|bucket|k|s")
+    assert creds.endpoint_url == f"https://{host.lower()}:443"
+    for local in (False, True):
+        with pytest.raises(CommitmentError, match="http"):
+            parse_commitment(f"v1|http://{host}|bucket|k|s", allow_local=local)
+
+
+def test_public_address_in_another_encoding_is_refused() -> None:
+    with pytest.raises(CommitmentError, match="canonically"):
+        parse_commitment("v1|https://134744072|bucket|k|s")  # 8.8.8.8 as one integer

@@ -134,3 +134,55 @@ def test_garbage_headers_never_crash(header: bytes) -> None:
         unpack_object(_raw(header), 64 * 1024)
     except ManifestError:
         pass
+
+
+def _canonical_header() -> bytes:
+    blob = pack_object(sign_manifest(manifest(), ALICE), b"")
+    return blob[9:]
+
+
+def test_header_is_canonical_json() -> None:
+    header = _canonical_header()
+    doc = json.loads(header)
+    assert header == json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda h: h.replace(b'"format":1', b'"format":true'), id="format-true"),
+        pytest.param(lambda h: h.replace(b'"format":1', b'"format":1.0'), id="format-float"),
+        pytest.param(lambda h: h.replace(b'"window":5', b'"window":5,"window":5'), id="dup-key"),
+        pytest.param(lambda h: h.replace(b'"window":5', b'"window":6,"window":5'), id="dup-kv"),
+        pytest.param(lambda h: h.replace(b":", b": ", 1), id="space"),
+        pytest.param(lambda h: h + b"\n", id="newline"),
+        pytest.param(lambda h: h.replace(b',"receipt":null', b""), id="omitted-default"),
+        pytest.param(
+            lambda h: b'{"signature":"0x' + b"0" * 128 + b'",' + h[1:], id="dup-signature"
+        ),
+        pytest.param(
+            lambda h: (
+                json.dumps(json.loads(h), separators=(",", ":"), sort_keys=False)
+                .encode()
+                .replace(b'"codec":"sparseloco/1",', b"")
+                .replace(b'"uid":3', b'"uid":3,"codec":"sparseloco/1"')
+            ),
+            id="reordered",
+        ),
+        pytest.param(lambda h: h.replace(b"sparseloco", b"sparselo\\u0063o"), id="escaped"),
+    ],
+)
+def test_only_the_canonical_header_is_accepted(mutate: object) -> None:
+    header = _canonical_header()
+    changed = mutate(header)  # type: ignore[operator]
+    assert changed != header
+    with pytest.raises(ManifestError, match="invalid"):
+        unpack_object(_raw(changed), 64 * 1024)
+
+
+def test_canonical_header_with_receipt_round_trips() -> None:
+    from covenant.plugins.storage.manifest import ManifestReceipt
+
+    signed = sign_manifest(manifest(receipt=ManifestReceipt(hash="ab" * 16, count=3)), ALICE)
+    got, _ = unpack_object(pack_object(signed, b"x"), 64 * 1024)
+    assert got == signed and got.verify(ALICE.ss58_address)
