@@ -84,6 +84,12 @@ class GauntletSection(GauntletConfig):
         4, ge=0, description="held-out batches for the global model's loss every window (0: off)"
     )
     publish_records: bool = Field(True, description="also store signed score records in storage")
+    start_delay_windows: int = Field(
+        1,
+        ge=1,
+        description="lead validator of a new run: start_window = the current window + this "
+        "(give miners time to start)",
+    )
 
 
 def _tensor_hash(params: Mapping[str, torch.Tensor]) -> str:
@@ -164,8 +170,8 @@ class GauntletScorer:
         chain = services.chain
         current = int(chain.block()) // chain.blocks_per_window
         if services.is_lead() and exchange.start_window() is None:
-            exchange.put_start_window(current + 1)
-            log.info("lead validator: start_window = %d", current + 1)
+            exchange.put_start_window(current + self.cfg.start_delay_windows)
+            log.info("lead validator: start_window = %d", current + self.cfg.start_delay_windows)
         start = None
         for _ in range(600):
             start = exchange.start_window()
@@ -420,7 +426,11 @@ class GauntletScorer:
         eval_seed: int,
         shard: ShardDataset,
         alpha: float,
+        *,
+        stop_on_window_change: bool = True,
     ) -> tuple[dict[int, Evaluation], dict[int, dict[str, Any]]]:
+        """Stage 2 of ``evaluate`` (``covenant replay`` calls it with
+        ``stop_on_window_change=False``: a replay runs long after the chain moved on)."""
         cfg = self.cfg
         chain = self.services.chain
         model = self.model
@@ -433,7 +443,7 @@ class GauntletScorer:
         rand_before = model.eval_loss(rand_batch)
         medians = self._median_norms([uploads[u] for u in gathered if u in uploads])
         for uid in evaluate:
-            if int(chain.block()) // chain.blocks_per_window > window + 1:
+            if stop_on_window_change and int(chain.block()) // chain.blocks_per_window > window + 1:
                 evaluations[uid] = Evaluation(uid, "skipped")
                 continue
             obs = observations.get(uid)
@@ -564,7 +574,10 @@ class GauntletScorer:
         atomic_write_bytes(folder / "window.json", canonical_json(summary))
         if outcome.peer_list is not None:
             current = int(services.chain.block()) // services.chain.blocks_per_window
-            self._post_peer_list(current, *outcome.peer_list)
+            if outcome.peer_list[0]:
+                self._post_peer_list(current, *outcome.peer_list)
+            else:  # an empty list would stop every miner's outer step: keep the one in force
+                log.info("window %d: no active peer to list; the peer list in force stays", window)
 
     def _publish_checkpoint(self, window: int) -> None:
         """SPEC 9: the full weights after applying ``window`` (layout-independent safetensors
