@@ -79,7 +79,7 @@ def catch_up(
     metrics (windows replayed, checkpoint loaded, seconds).
     """
     t0 = time.perf_counter()
-    metrics: dict[str, float] = {"checkpoint": 0.0, "replayed": 0.0, "reloads": 0.0}
+    metrics: dict[str, float] = {"checkpoint": -1.0, "replayed": 0.0, "reloads": 0.0}
     cap = _payload_cap(outer, model)
     for attempt in range(cfg.catch_up_retries + 1):
         behind = None if state.last_window is None else target - 1 - state.last_window

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -22,6 +23,7 @@ from covenant.engine.data.config import DataConfig
 from covenant.engine.data.prepare import PrepareProgress, default_data_dir, prepare
 from covenant.engine.data.shards import Manifest, ShardDataset, verify_data_dir
 from covenant.engine.data.tokenizer import load_tokenizer
+from covenant.engine.errors import CovenantError
 
 __all__ = ["app"]
 
@@ -45,8 +47,14 @@ _STAGES = {
 
 
 def _fail(err: Exception) -> typer.Exit:
-    Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(err))}", soft_wrap=True)
-    return typer.Exit(2)
+    """One plain error line, exit 2 (pydantic's multi-line messages folded, as every command)."""
+    from covenant.engine.cli.options import fail
+
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "value"
+        err = CovenantError(f"{where}: {first['msg']}")
+    return fail(err if isinstance(err, CovenantError) else CovenantError(str(err)))
 
 
 def _table(manifest: Manifest, data_dir: Path) -> Table:

@@ -184,6 +184,7 @@ def run_swarm(
     observer = open_session(
         swarm.config_path,
         [
+            *swarm.overrides,
             f'chain.hotkey="{swarm.dir / "keys" / "owner.json"}"',
             f'chain.db="{swarm.dir / "chain.sqlite"}"',
             f'storage.url="{(swarm.dir / "owner" / "storage").resolve().as_uri()}"',
@@ -202,16 +203,18 @@ def run_swarm(
     watch = Watch(swarm)
     summary: dict[str, Any] = {"run_dir": str(swarm.dir)}
     try:
+        # Every process starts at once (they wait for the run's start window themselves):
+        # start-up is mostly imports, and on a small machine it is the longest wait.
         swarm.start(swarm.peers["validator"], data_dir, chain)
-        out.print(f"validator started (log {swarm.dir / 'logs' / 'validator.log'})")
-        swarm.start_window = _wait_start(swarm, exchange, stopping)
-        swarm.write_meta(chain)
         for i in range(1, swarm.cfg.miners + 1):
             swarm.start(swarm.peers[f"miner-{i}"], data_dir, chain)
+        out.print(
+            f"validator and {swarm.cfg.miners} miners starting (logs in {swarm.dir / 'logs'})"
+        )
+        swarm.start_window = _wait_start(swarm, exchange, stopping)
         swarm.write_meta(chain)
         out.print(
-            f"{swarm.cfg.miners} miners started; run windows {swarm.start_window}.."
-            f"{swarm.start_window + swarm.cfg.windows - 1} (logs in {swarm.dir / 'logs'})"
+            f"run windows {swarm.start_window}..{swarm.start_window + swarm.cfg.windows - 1}"
         )
         pending = list(swarm.events)
         last = swarm.start_window + swarm.cfg.windows - 1
@@ -243,7 +246,8 @@ def run_swarm(
                 if swarm.cfg.live and out.is_terminal:
                     live.update(watch.table(current))
                 elif watch.processed > before:
-                    out.print(watch.table(current))  # not a terminal: one table per window
+                    # not a terminal (a log file): one full-width table per processed window
+                    out.print(watch.table(current), width=max(out.width, 132))
                 if watch.processed >= last:
                     break
                 if (

@@ -189,6 +189,7 @@ class Swarm:
     run_id: str
     dir: Path
     python: str = sys.executable
+    overrides: list[str] = field(default_factory=list)  # the user's --set, for every session
     peers: dict[str, Peer] = field(default_factory=dict)
     events: list[ChurnEvent] = field(default_factory=list)
     start_window: int | None = None
@@ -212,7 +213,7 @@ class Swarm:
                 node = node.setdefault(key, {})
             node[keys[-1]] = value
         run = session.config.section("run")
-        swarm = cls(path, data, cfg, run.id, Path(run.dir).resolve())
+        swarm = cls(path, data, cfg, run.id, Path(run.dir).resolve(), overrides=list(overrides))
         swarm.events = parse_churn(cfg.churn, cfg.miners)
         total_miners = max(
             [cfg.miners]
