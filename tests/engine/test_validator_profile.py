@@ -1,4 +1,9 @@
-"""The validator profile loads only the scoring side: no training-side module is imported."""
+"""The validator profile loads only the scoring side: no inner loop, no megatron at start-up.
+
+The validator holds the model (it evaluates uploads and applies aggregates), so the model
+plugin's config and the outer step's codec config load with its plugins; what must not load when
+it only reads its config is the inner loop, megatron, Transformer Engine, or a miner-only plugin.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,12 @@ import subprocess
 import sys
 
 TRAINING_SIDE = (
-    "covenant.models",
     "megatron",
     "covenant.engine.loop",
-    "covenant.plugins.sparseloco",
+    "covenant.models.runtime",
+    "covenant.plugins.sparseloco.codec",
+    "covenant.plugins.adversaries",
+    "covenant.plugins.ddp",
     "transformer_engine",
 )
 
