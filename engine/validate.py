@@ -70,7 +70,10 @@ def run_validator(
         )
         if scorer is None:
             raise ConfigError("no scorer is enabled (enable the 'gauntlet' plugin)")
-        ckpt = Checkpointer(run_dir / "checkpoints", rank=0, world_size=1)
+        # the scorer's local checkpoints: ``covenant replay`` needs the one before a record
+        scoring = cfg.section("gauntlet") if cfg.has("gauntlet") else None
+        keep = int(getattr(scoring, "keep_window_checkpoints", 2))
+        ckpt = Checkpointer(run_dir / "checkpoints", rank=0, world_size=1, keep=keep)
         expect = CheckpointMeta(
             step=0,
             run_id=cfg.section("run").id,

@@ -46,9 +46,15 @@ if [ ${#uv_cmd[@]} -gt 0 ]; then
   uv_args=()
   [ -n "$find_links" ] && uv_args+=(--find-links "$find_links")
   echo "setup: installing with uv${find_links:+ (find-links $find_links)}" >&2
-  "${uv_cmd[@]}" pip install -q -p "$VENV/bin/python" "${uv_args[@]}" "${constraints[@]}" -e ".[$EXTRAS]"
+  # --compile-bytecode: uv does not write .pyc files by default, and where the environment sets
+  # PYTHONDONTWRITEBYTECODE (CI images do) every process would then compile megatron and torch
+  # from source at each start (minutes for a swarm of fresh processes on 2 cores).
+  "${uv_cmd[@]}" pip install -q --compile-bytecode -p "$VENV/bin/python" "${uv_args[@]}" \
+    "${constraints[@]}" -e ".[$EXTRAS]"
 else
   echo "setup: uv unavailable, installing with pip (slower)" >&2
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${constraints[@]}" -e ".[$EXTRAS]"
 fi
+# a .venv set up before bytecode was compiled at install time: compile it once now
+"$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" >/dev/null 2>&1 || true
 echo "$want" > "$stamp"

@@ -38,6 +38,7 @@ RESERVED = frozenset(
         "model-info",
         "bench",
         "replay",
+        "explain",
         "chain",
         "report",
         "doctor",
@@ -53,6 +54,8 @@ BUILTIN_PROVIDERS = {
     "storage": "storage",
     "swarm": "swarm",
     "report": "swarm",
+    "replay": "gauntlet",
+    "explain": "gauntlet",
 }
 
 app = typer.Typer(

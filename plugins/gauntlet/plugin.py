@@ -3,6 +3,11 @@
 ``covenant validate --config validator`` builds the model, then asks ``covenant_scorer`` for the
 :class:`~covenant.plugins.gauntlet.validator.GauntletScorer`, which measures (fetches, checks,
 losses) what the pure rules in :mod:`covenant.plugins.gauntlet.rules` consume.
+
+Commands: ``covenant replay RECORD`` recomputes a signed score record
+(:mod:`~covenant.plugins.gauntlet.replay`) and ``covenant explain --uid N`` shows why a peer got
+its score (:mod:`~covenant.plugins.gauntlet.explain`). Both modules import torch and the
+validator only when a command runs: mounting them costs a few tens of milliseconds.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from covenant.engine.hookspecs import hookimpl
+from covenant.engine.hookspecs import Register, hookimpl
 
 if TYPE_CHECKING:
     from covenant.engine.config import Config
@@ -35,3 +40,12 @@ def covenant_scorer(config: Config, services: Services, model: ModelRuntime) -> 
     from covenant.plugins.gauntlet.validator import GauntletScorer
 
     return GauntletScorer(config, services, model)
+
+
+@hookimpl
+def covenant_register_commands(register: Register) -> None:
+    from covenant.plugins.gauntlet.explain import explain_command
+    from covenant.plugins.gauntlet.replay import replay_command
+
+    register("replay", replay_command)
+    register("explain", explain_command)
