@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from covenant.engine.catchup import catch_up
+from covenant.engine.catchup import CatchUpError, catch_up
 from covenant.engine.checkpoint import (
     Checkpointer,
     CheckpointMeta,
@@ -228,19 +228,9 @@ def run_training(
         result.steps = first_step = state.steps
         hook.covenant_train_start(config=cfg, model=model, start_step=state.steps)
         for plan in clock.windows(state):
-            caught: dict[str, float] = {}
+            caught: dict[str, Any] = {}
             if outer is not None and outer_cfg.catch_up and _behind(state, plan.window):
-                caught = catch_up(
-                    session.services if par.is_main else None,
-                    model,
-                    outer,
-                    state,
-                    plan.window,
-                    outer_cfg,
-                    run_dir / "catchup",
-                    inner_steps=train.inner_steps,
-                    record_wait_s=outer_cfg.record_wait_s,
-                )
+                caught = _catch_up(session, model, outer, state, plan.window, outer_cfg, train)
                 plan = clock.refresh(plan, state)
             ctx = WindowContext(plan.window, plan.outer_step, uid, train.inner_steps)
             data_uid = hook.covenant_sample_uid(ctx=ctx)
@@ -292,10 +282,10 @@ def run_training(
                     _evaluate(hook, model, val_batches, at, ctx.window, result, par.is_main)
                 )
             result.windows.append(window_metrics)
+            if outer is not None:  # saved before the line is logged: a line means it is kept
+                _save(ckpt, expect, state, model, outer)
             if par.is_main:
                 hook.covenant_log_metrics(kind="window", step=ctx.window, metrics=window_metrics)
-            if outer is not None:
-                _save(ckpt, expect, state, model, outer)
         if (
             outer is None
             and state.steps > first_step
@@ -334,6 +324,36 @@ def _chain_clock(
         max_windows=outer_cfg.max_windows,
         start_wait_s=outer_cfg.start_wait_s,
     )
+
+
+def _catch_up(
+    session: Session,
+    model: ModelRuntime,
+    outer: OuterStep,
+    state: PeerState,
+    window: int,
+    cfg: OuterConfig,
+    train: TrainConfig,
+) -> dict[str, Any]:
+    """Catch up before ``window``; a catch-up that cannot finish (a record never published,
+    an upload gone) is logged and the miner trains on what it holds: its sync score will say
+    so, and a later checkpoint brings it back. Never a crash."""
+    try:
+        return catch_up(
+            session.services if model.parallel.is_main else None,
+            model,
+            outer,
+            state,
+            window,
+            cfg,
+            session.run_dir / "catchup",
+            inner_steps=train.inner_steps,
+            record_wait_s=cfg.record_wait_s,
+        )
+    except CatchUpError as exc:
+        log.error("catch-up before window %d stopped: %s; training on regardless", window, exc)
+        state.last_window = window - 1  # do not wait for the same record again next window
+        return {"catch_up_failed": 1.0, "skip_reason": f"catch-up: {exc}"}
 
 
 def _behind(state: PeerState, window: int) -> bool:

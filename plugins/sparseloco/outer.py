@@ -452,11 +452,9 @@ class SparseLoCoOuterStep:
         out["rejected"] = float(sum(1 for u in peers.gather if u in rejected))
         out["gathered"] = ",".join(str(u) for u in chosen)
         if rejected:
-            log.info(
-                "window %d: unusable uploads: %s",
-                window,
-                ", ".join(f"{u}:{r}" for u, r in sorted(rejected.items())),
-            )
+            reasons = ", ".join(f"{u}:{r}" for u, r in sorted(rejected.items()))
+            out["rejected_reasons"] = reasons  # in metrics.jsonl with the window's line
+            log.info("window %d: unusable uploads: %s", window, reasons)
         if not chosen:
             out["skip_reason"] = "no usable upload from the peer list"
         blobs = [usable[u].payload for u in chosen]
