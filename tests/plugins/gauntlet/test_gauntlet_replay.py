@@ -71,7 +71,9 @@ def cli(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str
     main = importlib.reload(main_module)  # a fresh app: plugin commands mount once per app
     monkeypatch.setenv("COLUMNS", "220")
     out, err = io.StringIO(), io.StringIO()
-    saved = options.err.file
+    # the consoles' own setting (None: whatever sys.stderr is at print time), not the stream
+    # they resolve to now, or later tests' CliRunner would no longer see their output
+    saved = (main_module.out._file, main_module.err._file, options.err._file)
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         main.out.file, main.err.file, options.err.file = out, err, err
@@ -80,7 +82,7 @@ def cli(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         finally:
-            options.err.file = saved
+            main.out._file, main.err._file, options.err._file = saved
     return code, out.getvalue(), " ".join(err.getvalue().split())
 
 
