@@ -128,7 +128,9 @@ def payload_for(
         return None
     behaviour = cfg.behaviour
     if behaviour == "copier":
-        return copier_payload(ctx, payload, services, victim=cfg.victim)
+        copied = copier_payload(ctx, payload, services, victim=cfg.victim)
+        time.sleep(cfg.copy_delay_s)
+        return copied
     if behaviour in ("partial_copier", "noise"):
         codec_cfg = sparseloco or _sparseloco_config(services.config)
         if not shapes:
@@ -139,9 +141,11 @@ def payload_for(
         if behaviour == "noise":
             seed = _seed("noise", ctx.uid, ctx.window)
             return noise_payload(shapes, seed=seed, scale=cfg.noise_scale, config=codec_cfg)
-        return partial_copier_payload(
+        spliced = partial_copier_payload(
             ctx, payload, services, shapes, cfg.fraction, victim=cfg.victim, config=codec_cfg
         )
+        time.sleep(cfg.copy_delay_s)
+        return spliced
     if behaviour == "invalid":
         if cfg.invalid == "payload":
             return corrupt_payload(payload)

@@ -54,6 +54,13 @@ class AdversariesConfig(BaseModel):
         description="invalid: corrupt the payload bytes (the codec's checksum fails) or upload a "
         "data receipt that names no pool",
     )
+    copy_delay_s: float = Field(
+        2.0,
+        ge=0.0,
+        description="copiers: seconds between fetching the victim's upload and re-uploading it "
+        "(a real copier needs time to download a large payload; under 1 s its timestamp can "
+        "equal the victim's, and then the Gauntlet flags both)",
+    )
     late_by_s: float = Field(
         1.0,
         ge=1.0,

@@ -196,7 +196,7 @@ def test_copier_uploads_the_victims_bytes(swarm: Swarm) -> None:
     swarm.upload(other, window, payload_of(2))
     # no peer list published: the victim must be named...
     assert behaviours.peer_victim(copier.uid, [other.uid, victim.uid, copier.uid]) == victim.uid
-    named = cfg.model_copy(update={"victim": victim.uid})
+    named = cfg.model_copy(update={"victim": victim.uid, "copy_delay_s": 0.0})
     own = payload_of(3)
     got = behaviours.payload_for(named, ctx_of(copier, window), own, copier.services)
     assert got == stolen
@@ -231,7 +231,7 @@ def test_partial_copier_fetches_its_victim(swarm: Swarm) -> None:
     victim = swarm.peer("victim")
     partial = swarm.peer("partial", behaviour="partial_copier", fraction=0.4)
     cfg = partial.session.config.typed("adversaries", AdversariesConfig)
-    cfg = cfg.model_copy(update={"victim": victim.uid})
+    cfg = cfg.model_copy(update={"victim": victim.uid, "copy_delay_s": 0.0})
     stolen, own = payload_of(20), payload_of(21)
     swarm.upload(victim, 1, stolen)
     got = behaviours.payload_for(cfg, ctx_of(partial, 1), own, partial.services, shapes=SHAPES)

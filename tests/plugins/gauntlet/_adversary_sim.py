@@ -196,6 +196,8 @@ class Simulation:
             assert uid == 2 + i, (spec.name, uid)
             self.chain.commit(key, f"v1|file://{store}")
             cfg = session.config.typed("adversaries", AdversariesConfig)
+            # upload times are stamped explicitly here: a copier's real-time delay only slows
+            cfg = cfg.model_copy(update={"copy_delay_s": 0.0})
             self.miners.append(Miner(spec, uid, session, store, cfg))
         self.by_name = {m.spec.name: m for m in self.miners}
         self.sparseloco = self.validator.config.typed("sparseloco", SparseLoCoConfig)

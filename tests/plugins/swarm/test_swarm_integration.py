@@ -90,6 +90,8 @@ def test_honest_miners_hold_the_weight_and_the_copier_is_penalised(run: Path) ->
     assert sum(non_burn.values()) > 0, weights
     assert non_burn.get(str(copier), 0.0) / sum(non_burn.values()) < 0.05
     assert any(s["uid"] == copier and s["rule"].startswith("copy") for s in slashes), slashes
+    victim = _uid(run, "miner-2")  # uploads before the copier: only the later one is flagged
+    assert not any(s["uid"] == victim and s["rule"].startswith("copy") for s in slashes), slashes
 
 
 def _windows(run: Path, peer: str) -> list[dict[str, Any]]:
