@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from covenant.engine import peer
 from covenant.engine.protocols import (
     ModelRuntime,
     ParamShard,
@@ -56,8 +57,6 @@ if TYPE_CHECKING:
     from covenant.engine.services import Services
 
 log = logging.getLogger(__name__)
-
-SYNC_POSITIONS = (10, 11)  # SPEC section 6: flat positions of every tensor with >= 12 elements
 
 
 def _reason(exc: PayloadError) -> str:
@@ -143,62 +142,6 @@ class SparseLoCoCodec:
 
 
 # --------------------------------------------------------------------------------------------
-# Collectives of one peer (no-ops for a single process)
-# --------------------------------------------------------------------------------------------
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if _world() > 1 else 0
-
-
-def _broadcast_obj(value: Any) -> Any:
-    """Rank 0's small, locally made value on every rank (never peer bytes: see _broadcast_bytes)."""
-    if _world() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _broadcast_bytes(blobs: list[bytes] | None, sizes: list[int]) -> list[bytes]:
-    """Rank 0's byte strings on every rank, as raw uint8 tensors (nothing is unpickled)."""
-    if _world() == 1:
-        return list(blobs or [])
-    out = []
-    for i, n in enumerate(sizes):
-        buf = (
-            torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8)
-            if _rank() == 0 and blobs is not None
-            else torch.empty(n, dtype=torch.uint8)
-        )
-        dist.broadcast(buf, src=0)
-        out.append(buf.numpy().tobytes())
-    return out
-
-
-def _all_ok(ok: bool) -> bool:
-    """True on every rank iff ``ok`` is true on every rank."""
-    if _world() == 1:
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def _gather_to_rank0(value: Any) -> list[Any] | None:
-    """Every rank's ``value`` (locally made) on rank 0, ``None`` elsewhere."""
-    if _world() == 1:
-        return [value]
-    got: list[Any] | None = [None] * _world() if _rank() == 0 else None
-    dist.gather_object(value, got, dst=0)
-    return got
-
-
-# --------------------------------------------------------------------------------------------
 # The outer step
 # --------------------------------------------------------------------------------------------
 
@@ -233,9 +176,9 @@ class SparseLoCoOuterStep:
         if self._shapes is None:
             self._shards = {s.name: s for s in model.layout()}
             mine = sorted((s.name, tuple(s.global_shape)) for s in self._shards.values())
-            everyone = _gather_to_rank0(mine)
+            everyone = peer.gather_to_rank0(mine)
             merged = dict(x for part in everyone for x in part) if everyone is not None else {}
-            self._shapes = dict(sorted(_broadcast_obj(merged).items()))
+            self._shapes = dict(sorted(peer.broadcast_obj(merged).items()))
         return self._shapes
 
     def _layout(self, model: ModelRuntime) -> dict[str, ParamShard]:
@@ -245,8 +188,7 @@ class SparseLoCoOuterStep:
 
     def _contributes(self, model: ModelRuntime, shard: ParamShard) -> bool:
         """Whether this rank's copy of ``shard`` goes into the peer's upload (one copy each)."""
-        par = model.parallel
-        return par.dp_rank == 0 and (not shard.replicated_over_tp or par.tp_rank == 0)
+        return peer.contributes(model, shard)
 
     # -- the window ---------------------------------------------------------------------------
 
@@ -299,15 +241,15 @@ class SparseLoCoOuterStep:
         encode_s = time.perf_counter() - t0
         # 3. one copy of every tile reaches rank 0, which uploads
         mine = [_to_cpu(pieces[n]) for n in sorted(pieces) if self._contributes(model, shards[n])]
-        everyone = _gather_to_rank0(mine)
+        everyone = peer.gather_to_rank0(mine)
         out: dict[str, Any] = {}
-        if _rank() == 0:
+        if peer.rank() == 0:
             try:
                 out = self._upload(ctx, everyone, shapes)
             except Exception as exc:  # rank 0's I/O failed: every rank must still move on
                 log.warning("window %d: upload failed: %s", ctx.window, exc, exc_info=True)
                 out = {"uploaded": 0.0, "upload_error": str(exc)}
-        out = _broadcast_obj(out)
+        out = peer.broadcast_obj(out)
         out["encode_s"] = encode_s
         return out
 
@@ -320,16 +262,16 @@ class SparseLoCoOuterStep:
         alpha = self.alpha(ctx.outer_step)
         blobs: list[bytes] | None = None
         plan: dict[str, Any] | None = None
-        if _rank() == 0:
+        if peer.rank() == 0:
             try:
                 plan = self._gather(ctx.window, shapes, {})
             except Exception as exc:  # rank 0's I/O failed: every rank must still move on
                 log.warning("window %d: gather failed: %s", ctx.window, exc, exc_info=True)
                 plan = {"skip_reason": f"gather failed: {exc}", "sizes": []}
             blobs = plan.pop("blobs", [])
-        plan = _broadcast_obj(plan)  # small and made here; the payload bytes travel raw below
+        plan = peer.broadcast_obj(plan)  # small and made here; the payload bytes travel raw below
         assert plan is not None
-        payloads = _broadcast_bytes(blobs, plan["sizes"])
+        payloads = peer.broadcast_bytes(blobs, plan["sizes"])
         metrics: dict[str, Any] = {k: v for k, v in plan.items() if k != "sizes"}
         # 4. every rank aggregates its own slices; the apply commits on all ranks or on none
         t1 = time.perf_counter()
@@ -339,14 +281,14 @@ class SparseLoCoOuterStep:
             try:
                 update = self.codec.aggregate(payloads, shapes, owned=list(shards.values()))
             except Exception as exc:  # any failure on any rank: every rank skips
-                reason = f"aggregate failed on rank {_rank()}: {exc}"
+                reason = f"aggregate failed on rank {peer.rank()}: {exc}"
                 log.warning("outer step: %s", reason)
                 update = {}
         if update and self.services is not None:
             wanted = self.services.hook.covenant_apply_aggregate(ctx=ctx)
             if wanted is False:
                 reason = "a plugin declined to apply the aggregate"
-        ok = _all_ok(bool(update) and not reason)
+        ok = peer.all_ok(bool(update) and not reason)
         if ok:
             with torch.no_grad():
                 for n, p in params.items():
@@ -366,11 +308,11 @@ class SparseLoCoOuterStep:
             metrics["skip_reason"] = reason
         metrics["apply_s"] = time.perf_counter() - t1
         # 5. the sync sample after applying this window
-        sample = _gather_to_rank0(self._sync_values(model, params, shards))
-        if _rank() == 0 and sample is not None and self.services is not None:
+        sample = peer.gather_to_rank0(self._sync_values(model, params, shards))
+        if peer.rank() == 0 and sample is not None and self.services is not None:
             values = {k: v for part in sample for k, v in part.items()}
             try:
-                self.services.exchange.put_sync_sample(ctx.window, _pairs(values))
+                self.services.exchange.put_sync_sample(ctx.window, peer.sync_pairs(values))
             except Exception as exc:  # a failed sync upload costs sync score, not the window
                 log.warning("window %d: sync sample upload failed: %s", ctx.window, exc)
         self.start = {}
@@ -474,17 +416,19 @@ class SparseLoCoOuterStep:
         shards = self._layout(model)
         shapes = self.shapes(model)
         alpha = self.alpha(ctx.outer_step)
-        blobs = [u.payload for u in sorted(uploads, key=lambda u: u.uid)] if _rank() == 0 else None
-        sizes = _broadcast_obj([len(b) for b in blobs] if blobs is not None else None)
-        payloads = _broadcast_bytes(blobs, sizes)
+        blobs = (
+            [u.payload for u in sorted(uploads, key=lambda u: u.uid)] if peer.rank() == 0 else None
+        )
+        sizes = peer.broadcast_obj([len(b) for b in blobs] if blobs is not None else None)
+        payloads = peer.broadcast_bytes(blobs, sizes)
         update: dict[str, torch.Tensor] = {}
         reason = ""
         if payloads:
             try:
                 update = self.codec.aggregate(payloads, shapes, owned=list(shards.values()))
             except Exception as exc:
-                reason = f"aggregate failed on rank {_rank()}: {exc}"
-        ok = _all_ok(bool(update) and not reason)
+                reason = f"aggregate failed on rank {peer.rank()}: {exc}"
+        ok = peer.all_ok(bool(update) and not reason)
         if ok:
             with torch.no_grad():
                 for n, p in model.local_parameters().items():
@@ -504,16 +448,7 @@ class SparseLoCoOuterStep:
         params: Mapping[str, torch.Tensor],
         shards: Mapping[str, ParamShard],
     ) -> dict[str, dict[int, float]]:
-        out: dict[str, dict[int, float]] = {}
-        for name, p in params.items():
-            shard = shards[name]
-            if not self._contributes(model, shard) or math.prod(shard.global_shape) < 12:
-                continue
-            for pos in SYNC_POSITIONS:
-                local = _local_index(shard, pos)
-                if local is not None:
-                    out.setdefault(name, {})[pos] = float(p.detach()[local])
-        return out
+        return peer.sync_values(model, params, shards)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -529,30 +464,11 @@ class SparseLoCoOuterStep:
 def sync_positions(shard: ParamShard) -> dict[int, tuple[int, ...]]:
     """The local indices of the global flat sync positions this shard owns."""
     out = {}
-    for pos in SYNC_POSITIONS:
-        local = _local_index(shard, pos)
+    for pos in peer.SYNC_POSITIONS:
+        local = peer.local_index(shard, pos)
         if local is not None:
             out[pos] = local
     return out
-
-
-def _local_index(shard: ParamShard, pos: int) -> tuple[int, ...] | None:
-    shape = shard.global_shape
-    idx: tuple[int, ...]
-    if len(shape) == 1:
-        idx = (pos,)
-    elif len(shape) == 2:
-        idx = divmod(pos, shape[1])
-    else:
-        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(pos), shape))
-    local = tuple(i - o for i, o in zip(idx, shard.offsets, strict=True))
-    if all(0 <= x < n for x, n in zip(local, shard.local_shape, strict=True)):
-        return local
-    return None
-
-
-def _pairs(values: Mapping[str, Mapping[int, float]]) -> dict[str, list[float]]:
-    return {n: [v[10], v[11]] for n, v in values.items() if 10 in v and 11 in v}
 
 
 def _to_cpu(piece: TensorPiece) -> TensorPiece:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from covenant.engine.errors import ConfigError
-from covenant.engine.protocols import ChainError
+from covenant.engine.protocols import ChainError, PayloadRejected
 from covenant.engine.untrusted import UntrustedInputError
 from covenant.models.weights import WeightsError
 from covenant.plugins.sparseloco.errors import AggregationError, PayloadError
@@ -885,6 +885,55 @@ register(
         fixup=reseal,
         max_input=1 << 17,
         mem_cap=lambda n: 64 * MiB + 64 * n,
+    )
+)
+
+
+# DiLoCo's dense/1 payloads (the codec of the diloco outer step)
+
+DN_SHAPES = {"a": (16, 24), "b": (100,), "c": (3, 4, 5)}
+
+
+@functools.cache
+def _dense_payload_seeds() -> tuple[bytes, ...]:
+    import torch
+
+    from covenant.plugins.diloco.codec import pack_dense
+
+    g = torch.Generator().manual_seed(0)
+    t = {n: torch.randn(s, generator=g) for n, s in DN_SHAPES.items()}
+    zero = {n: torch.zeros(s) for n, s in DN_SHAPES.items()}
+    return (pack_dense(t, "fp32"), pack_dense(t, "bf16"), pack_dense(zero, "fp32"))
+
+
+def _dense_payload_parse(data: bytes) -> Any:
+    from covenant.plugins.diloco.codec import DenseCodec
+
+    codec = DenseCodec()
+    codec.validate(data, DN_SHAPES)
+    codec.norms(data, DN_SHAPES)
+    return codec.aggregate([_dense_payload_seeds()[0], data], DN_SHAPES)
+
+
+def _dense_payload_check(data: bytes, out: Any) -> None:
+    import torch
+
+    assert set(out) == set(DN_SHAPES)
+    for name, t in out.items():
+        assert t.shape == torch.Size(DN_SHAPES[name]) and bool(torch.isfinite(t).all()), name
+
+
+register(
+    Target(
+        name="diloco-payload",
+        description="covenant.plugins.diloco.codec.DenseCodec validate / norms / aggregate",
+        seeds=lambda: list(_dense_payload_seeds()),
+        parse=_dense_payload_parse,
+        errors=(PayloadRejected,),
+        check=_dense_payload_check,
+        fixup=reseal,
+        tokens=(b'"dtype":"bf16"', b'"shape":[100]', b'"tensors":[]', b"\x80\x7f"),
+        max_input=1 << 14,
     )
 )
 
