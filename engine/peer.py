@@ -8,14 +8,29 @@ and DiLoCo outer steps (and a third party's) share these rather than each keep a
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping
-from typing import Any
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from covenant.engine.protocols import ModelRuntime, ParamShard
+from covenant.engine.protocols import (
+    Codec,
+    ModelRuntime,
+    ParamShard,
+    PayloadRejected,
+    Upload,
+    UploadRejection,
+    WindowContext,
+)
+
+if TYPE_CHECKING:
+    from covenant.engine.services import Services
+
+log = logging.getLogger(__name__)
 
 SYNC_POSITIONS = (10, 11)  # SPEC section 6: flat positions of every tensor with >= 12 elements
 
@@ -113,15 +128,128 @@ def sync_pairs(values: Mapping[str, Mapping[int, float]]) -> dict[str, list[floa
     return {n: [v[10], v[11]] for n, v in values.items() if 10 in v and 11 in v}
 
 
+# --------------------------------------------------------------------------------------------
+# Rank 0's I/O of a window, shared by every outer step
+# --------------------------------------------------------------------------------------------
+
+
+def upload_at_window_end(
+    services: Services, ctx: WindowContext, payload: bytes, codec: str
+) -> dict[str, Any]:
+    """Rank 0: wait for the window's end, then sign and upload ``payload`` with the window's
+    data receipt, unless the upload interval has already closed (SPEC section 1). A plugin may
+    replace or withhold the payload first (``covenant_payload``); the deadline is checked with
+    the time before it ran, so a deliberately late peer really uploads late. Returns metrics."""
+    exchange, chain = services.exchange, services.chain
+    out: dict[str, Any] = {"uploaded": 0.0}
+    t0 = time.perf_counter()
+    chain.wait_for_block((ctx.window + 1) * chain.blocks_per_window)
+    out["wait_s"] = time.perf_counter() - t0
+    _lo, hi = exchange.upload_interval(ctx.window)
+    now = chain.block_timestamp(int(chain.block()))
+    replaced = services.hook.covenant_payload(ctx=ctx, payload=payload, services=services)
+    if replaced is not None:
+        payload = bytes(replaced)
+    t1 = time.perf_counter()
+    if now > hi:
+        log.warning(
+            "window %d: upload interval closed before the upload; not uploading", ctx.window
+        )
+    elif payload:
+        try:
+            exchange.put_gradient(
+                ctx.window,
+                payload,
+                codec=codec,
+                receipt=ctx.extras.get("receipt"),
+                sizes={"payload": len(payload)},
+            )
+            out["uploaded"] = 1.0
+        except Exception as exc:  # a failed PUT is an error for this window, not the run
+            log.warning("window %d: upload failed: %s", ctx.window, exc)
+    out["upload_s"] = time.perf_counter() - t1
+    return out
+
+
+def gather_listed(
+    services: Services, window: int, codec: Codec, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, Any]:
+    """Rank 0: the peer list in force, its peers' verified uploads (polled until the interval
+    closes), each validated by ``codec``, and the ones to aggregate (``PeerList.select``).
+
+    Returns the window's plan: metrics, ``skip_reason`` when there is nothing to aggregate, the
+    unusable uploads' reasons, and ``blobs``/``sizes`` (the chosen payloads, ascending uid)."""
+    exchange = services.exchange
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"peers": 0.0, "rejected": 0.0, "bytes_down": 0.0, "sizes": []}
+    peers = exchange.peer_list(window)
+    if peers is None or not peers.gather:
+        out["skip_reason"] = "no peer list in force"
+        out["gather_s"] = time.perf_counter() - t0
+        return out
+    cap = codec.max_payload_bytes(shapes)
+    usable: dict[int, Upload] = {}
+    rejected: dict[int, str] = {}
+    for outcome in exchange.fetch_gradients(window, peers.uids, max_bytes=cap, codec=codec.name):
+        if isinstance(outcome, UploadRejection):
+            rejected[outcome.uid] = outcome.reason
+            continue
+        try:
+            codec.validate(outcome.payload, shapes)
+        except PayloadRejected as exc:
+            rejected[outcome.uid] = exc.reason
+            continue
+        usable[outcome.uid] = outcome
+    chosen = peers.select(usable)
+    out["peers"] = float(len(chosen))
+    out["rejected"] = float(sum(1 for u in peers.gather if u in rejected))
+    out["gathered"] = ",".join(str(u) for u in chosen)
+    if rejected:
+        reasons = ", ".join(f"{u}:{r}" for u, r in sorted(rejected.items()))
+        out["rejected_reasons"] = reasons  # in metrics.jsonl with the window's line
+        log.info("window %d: unusable uploads: %s", window, reasons)
+    if not chosen:
+        out["skip_reason"] = "no usable upload from the peer list"
+    blobs = [usable[u].payload for u in chosen]
+    out["blobs"] = blobs
+    out["sizes"] = [len(b) for b in blobs]
+    out["bytes_down"] = float(sum(out["sizes"]))
+    out["gather_s"] = time.perf_counter() - t0
+    return out
+
+
+def distribute(
+    window: int, plan_on_rank0: Callable[[], dict[str, Any]]
+) -> tuple[dict[str, Any], list[bytes]]:
+    """Run ``plan_on_rank0`` on global rank 0 (a failure there becomes a ``skip_reason``, so
+    every rank moves on), then give its plan (small, made here) and its ``blobs`` (peer bytes,
+    as raw uint8 broadcasts, never pickled) to every rank. Collective."""
+    blobs: list[bytes] | None = None
+    plan: dict[str, Any] | None = None
+    if rank() == 0:
+        try:
+            plan = plan_on_rank0()
+        except Exception as exc:  # rank 0's I/O failed: every rank must still move on
+            log.warning("window %d: gather failed: %s", window, exc, exc_info=True)
+            plan = {"skip_reason": f"gather failed: {exc}", "sizes": []}
+        blobs = plan.pop("blobs", [])
+    plan = broadcast_obj(plan)
+    assert plan is not None
+    return plan, broadcast_bytes(blobs, plan["sizes"])
+
+
 __all__ = [
     "all_ok",
     "broadcast_bytes",
     "broadcast_obj",
     "contributes",
+    "distribute",
+    "gather_listed",
     "gather_to_rank0",
     "local_index",
     "rank",
     "sync_pairs",
     "sync_values",
+    "upload_at_window_end",
     "world",
 ]

@@ -33,9 +33,7 @@ from covenant.engine import peer
 from covenant.engine.protocols import (
     ModelRuntime,
     ParamShard,
-    PayloadRejected,
     Upload,
-    UploadRejection,
     WindowContext,
 )
 from covenant.engine.window import OuterConfig, alpha_at
@@ -165,18 +163,7 @@ class DiLoCoOuterStep:
         shapes = self.shapes(model)
         params = model.local_parameters()
         lr = self.alpha(ctx.outer_step)
-        blobs: list[bytes] | None = None
-        plan: dict[str, Any] | None = None
-        if peer.rank() == 0:
-            try:
-                plan = self._gather(ctx.window, shapes)
-            except Exception as exc:  # rank 0's I/O failed: every rank must still move on
-                log.warning("window %d: gather failed: %s", ctx.window, exc, exc_info=True)
-                plan = {"skip_reason": f"gather failed: {exc}", "sizes": []}
-            blobs = plan.pop("blobs", [])
-        plan = peer.broadcast_obj(plan)
-        assert plan is not None
-        payloads = peer.broadcast_bytes(blobs, plan["sizes"])
+        plan, payloads = peer.distribute(ctx.window, lambda: self._gather(ctx.window, shapes))
         metrics: dict[str, Any] = {k: v for k, v in plan.items() if k != "sizes"}
         t1 = time.perf_counter()
         update: dict[str, torch.Tensor] = {}
@@ -261,7 +248,6 @@ class DiLoCoOuterStep:
         """Rank 0: write the payload, wait for the window's end, upload (signed, with receipt)."""
         assert self.services is not None and everyone is not None
         services = self.services
-        exchange, chain = services.exchange, services.chain
         writer = DenseWriter(shapes, self.config.wire_dtype)
         for part in everyone:
             for name, offsets, piece in part:
@@ -271,79 +257,13 @@ class DiLoCoOuterStep:
             "bytes_up": float(len(payload)),
             "bytes_dense": float(4 * sum(math.prod(s) for s in shapes.values())),
         }
-        t0 = time.perf_counter()
-        chain.wait_for_block((ctx.window + 1) * chain.blocks_per_window)
-        out["wait_s"] = time.perf_counter() - t0
-        _lo, hi = exchange.upload_interval(ctx.window)
-        now = chain.block_timestamp(int(chain.block()))
-        replaced = services.hook.covenant_payload(ctx=ctx, payload=payload, services=services)
-        if replaced is not None:
-            payload = bytes(replaced)
-        t1 = time.perf_counter()
-        out["uploaded"] = 0.0
-        if now > hi:
-            log.warning(
-                "window %d: upload interval closed before the upload; not uploading", ctx.window
-            )
-        elif payload:
-            try:
-                exchange.put_gradient(
-                    ctx.window,
-                    payload,
-                    codec=self.codec.name,
-                    receipt=ctx.extras.get("receipt"),
-                    sizes={"payload": len(payload)},
-                )
-                out["uploaded"] = 1.0
-            except Exception as exc:  # a failed PUT is an error for this window, not the run
-                log.warning("window %d: upload failed: %s", ctx.window, exc)
-        out["upload_s"] = time.perf_counter() - t1
+        out.update(peer.upload_at_window_end(services, ctx, payload, self.codec.name))
         return out
 
     def _gather(self, window: int, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-        """Rank 0: the peer list in force, its peers' verified and validated uploads."""
+        """Rank 0: the listed peers' verified, validated uploads (``peer.gather_listed``)."""
         assert self.services is not None
-        exchange = self.services.exchange
-        t0 = time.perf_counter()
-        out: dict[str, Any] = {"peers": 0.0, "rejected": 0.0, "bytes_down": 0.0, "sizes": []}
-        peers = exchange.peer_list(window)
-        if peers is None or not peers.gather:
-            out["skip_reason"] = "no peer list in force"
-            out["gather_s"] = time.perf_counter() - t0
-            return out
-        cap = self.codec.max_payload_bytes(shapes)
-        usable: dict[int, Upload] = {}
-        rejected: dict[int, str] = {}
-        for outcome in exchange.fetch_gradients(
-            window, peers.uids, max_bytes=cap, codec=self.codec.name
-        ):
-            if isinstance(outcome, UploadRejection):
-                rejected[outcome.uid] = outcome.reason
-                continue
-            try:
-                self.codec.validate(outcome.payload, shapes)
-            except PayloadRejected as exc:
-                rejected[outcome.uid] = exc.reason
-                continue
-            usable[outcome.uid] = outcome
-        chosen = peers.select(usable)
-        out["peers"] = float(len(chosen))
-        out["rejected"] = float(sum(1 for u in peers.gather if u in rejected))
-        out["gathered"] = ",".join(str(u) for u in chosen)
-        if rejected:
-            log.info(
-                "window %d: unusable uploads: %s",
-                window,
-                ", ".join(f"{u}:{r}" for u, r in sorted(rejected.items())),
-            )
-        if not chosen:
-            out["skip_reason"] = "no usable upload from the peer list"
-        blobs = [usable[u].payload for u in chosen]
-        out["blobs"] = blobs
-        out["sizes"] = [len(b) for b in blobs]
-        out["bytes_down"] = float(sum(out["sizes"]))
-        out["gather_s"] = time.perf_counter() - t0
-        return out
+        return peer.gather_listed(self.services, window, self.codec, shapes)
 
     # -- applying given uploads (validator, catch-up) ----------------------------------------
 

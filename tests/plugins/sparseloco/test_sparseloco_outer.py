@@ -61,7 +61,7 @@ from covenant.plugins.sparseloco.outer import SparseLoCoCodec
 from covenant.plugins.storage import records as rec
 from covenant.plugins.storage.exchange import build_signed_object
 
-OUTER_LOG = "covenant.plugins.sparseloco.outer"
+OUTER_LOG = "covenant.engine.peer"  # where the rank-0 gather of every outer step logs
 
 # ============================================================================================
 # (a) aggregate(..., owned=) equals the same box of aggregate(...), bit for bit
@@ -559,7 +559,7 @@ def test_the_same_bad_upload_is_rejected_by_the_gather_plan(net: OuterNet) -> No
     net.close(w)
     bob = net["bob"]
     assert bob.outer is not None
-    plan = bob.outer._gather(w, SHAPES, {})
+    plan = bob.outer._gather(w, SHAPES)
     uids = sorted(m.uid for m in miners)
     assert plan["gathered"] == ",".join(map(str, uids))
     assert plan["rejected"] == 1.0 and plan["peers"] == 3.0
