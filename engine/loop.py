@@ -284,6 +284,8 @@ def run_training(
             result.windows.append(window_metrics)
             if outer is not None:  # saved before the line is logged: a line means it is kept
                 _save(ckpt, expect, state, model, outer)
+                if par.is_main:
+                    window_metrics["pruned"] = float(_prune(session, ctx.window))
             if par.is_main:
                 hook.covenant_log_metrics(kind="window", step=ctx.window, metrics=window_metrics)
         if (
@@ -354,6 +356,15 @@ def _catch_up(
         log.error("catch-up before window %d stopped: %s; training on regardless", window, exc)
         state.last_window = window - 1  # do not wait for the same record again next window
         return {"catch_up_failed": 1.0, "skip_reason": f"catch-up: {exc}"}
+
+
+def _prune(session: Session, window: int) -> int:
+    """Retention of this miner's own uploads (rank 0); a failure costs storage, not the run."""
+    try:
+        return int(session.services.exchange.prune(window))
+    except Exception as exc:
+        log.warning("retention after window %d failed: %s", window, exc)
+        return 0
 
 
 def _behind(state: PeerState, window: int) -> bool:

@@ -523,6 +523,11 @@ class Exchange(Protocol):
 
     def put_aggregate_record(self, record: AggregateRecord) -> ObjectInfo: ...
 
+    def prune(self, current_window: int) -> int:
+        """Retention: delete this process's own old uploads (keeping what joiners replay);
+        returns how many objects were deleted."""
+        ...
+
     # -- checkpoints (SPEC section 9)
     def put_checkpoint(
         self, window: int, outer_step: int, folder: str, model: Mapping[str, Any]

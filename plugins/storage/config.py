@@ -57,6 +57,12 @@ class StorageConfig(BaseModel):
         70, ge=0, description="upload interval length after t(start of w+1)"
     )
     retention_windows: int = Field(100, ge=1, description="own uploads older than this are deleted")
+    retention_protect_windows: int = Field(
+        20,
+        ge=0,
+        description="never delete an own upload named in an aggregate record of the last N "
+        "windows (twice the checkpoint interval: a late joiner replays from there)",
+    )
     retries: int = Field(3, ge=1, description="tries per request (first try included)")
     backoff_base_s: float = Field(
         1.0, ge=0, description="scale of the backoff 2^a + U(0,1) seconds between tries"

@@ -54,6 +54,7 @@ from covenant.plugins.storage.exchange import (
     upload_signed,
 )
 from covenant.plugins.storage.keys import RunKeys
+from covenant.plugins.storage.retention import delete_expired
 from covenant.plugins.storage.retry import Deadline
 from covenant.plugins.storage.transport import open_transport
 
@@ -430,6 +431,31 @@ class StorageExchange:
             {"format": rec.SCORE, "window": window, "uid": uid, "record": dict(record)}
         )
         return self._put(self.keys.scores(window, uid), body, window, rec.SCORE)
+
+    # -- retention (SPEC section 6) ---------------------------------------------------------------
+
+    def prune(self, current_window: int) -> int:
+        """Delete this peer's own gradient uploads and sync samples older than
+        ``retention_windows``, except uploads named in the lead's aggregate records of the last
+        ``retention_protect_windows`` windows (a late joiner replays them). Returns the count."""
+        uid = self._uid()
+        protected: set[str] = set()
+        for window in range(
+            max(0, current_window - self.cfg.retention_protect_windows), current_window
+        ):
+            record = self.aggregate_record(window)
+            if record is not None and any(u == uid for u, _ in record.uploads):
+                protected.add(self.keys.gradient(window, uid))
+        deleted = delete_expired(
+            self.transport,
+            self.keys,
+            uid=uid,
+            current_window=current_window,
+            retention_windows=self.cfg.retention_windows,
+            protected=protected,
+            kinds=("gradient", "debug"),
+        )
+        return len(deleted)
 
     # -- checkpoints (SPEC section 9) ------------------------------------------------------------
 

@@ -234,3 +234,27 @@ def test_checkpoints_are_published_verified_and_resumed(net: Network, tmp_path: 
         i.key.split("/")[3] for i in lead.transport.list(lead.keys.kind_prefix("checkpoint"))
     }
     assert windows == {"6", "7", "latest"}
+
+
+def test_retention_keeps_what_joiners_replay(tmp_path: Path) -> None:
+    net = make_network(tmp_path)
+    net.join("validator", "//Alice", stake=1000.0)
+    net.join(
+        "miner-a",
+        "//Bob",
+        **{"storage.retention_windows": "3", "storage.retention_protect_windows": "5"},
+    )
+    lead, miner = net.exchange("validator"), net.exchange("miner-a")
+    uid = net.uids["miner-a"]
+    for w in range(1, 11):
+        miner.put_gradient(w, b"p%d" % w, codec="test/1")
+        miner.put_sync_sample(w, {"w": [float(w), 0.0]})
+    for w in (2, 6):  # both name the miner's upload; only window 6 is recent enough to protect
+        lead.put_aggregate_record(
+            AggregateRecord(window=w, outer_step=1, uploads=((uid, "e" * 64),))
+        )
+    assert miner.prune(10) == 2 * 6 - 1  # windows 1-6 of both kinds, minus gradient 6
+    kept = {i.key for i in miner.transport.list(miner.keys.kind_prefix("gradient"))}
+    assert kept == {miner.keys.gradient(w, uid) for w in (6, 7, 8, 9, 10)}
+    debug = {i.key for i in miner.transport.list(miner.keys.kind_prefix("debug"))}
+    assert debug == {miner.keys.debug(w, uid) for w in (7, 8, 9, 10)}
