@@ -213,9 +213,7 @@ def run_swarm(
         )
         swarm.start_window = _wait_start(swarm, exchange, stopping)
         swarm.write_meta(chain)
-        out.print(
-            f"run windows {swarm.start_window}..{swarm.start_window + swarm.cfg.windows - 1}"
-        )
+        out.print(f"run windows {swarm.start_window}..{swarm.start_window + swarm.cfg.windows - 1}")
         pending = list(swarm.events)
         last = swarm.start_window + swarm.cfg.windows - 1
         live_on = swarm.cfg.live and out.is_terminal

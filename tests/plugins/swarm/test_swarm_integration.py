@@ -116,13 +116,11 @@ def test_a_restarted_and_a_late_miner_catch_up(run: Path) -> None:
         first = caught[-1]
         assert first["applied"] == 1.0
         # after catching up it holds the global model: the same held-out loss as the validator
-        same = [
-            x for x in lines if x["window"] > first["window"] and int(x["window"]) in validator
-        ]
+        same = [x for x in lines if x["window"] > first["window"] and int(x["window"]) in validator]
         assert same, f"{name}: no window after catching up"
         for x in same:
             assert x["val_loss"] == pytest.approx(validator[int(x["window"])], abs=1e-4)
-    joiner = [x for x in _windows(run, "miner-4") if "catch_up_s" in x][0]
+    joiner = next(x for x in _windows(run, "miner-4") if "catch_up_s" in x)
     assert joiner["checkpoint"] >= 0  # it started from a published checkpoint
 
 
