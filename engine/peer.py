@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,7 +22,7 @@ from covenant.engine.protocols import (
     ModelRuntime,
     ParamShard,
     PayloadRejected,
-    Upload,
+    PeerList,
     UploadRejection,
     WindowContext,
 )
@@ -75,6 +75,15 @@ def all_ok(ok: bool) -> bool:
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def all_gather_obj(value: Any) -> list[Any]:
+    """Every rank's ``value`` (small, locally made) on every rank, in rank order."""
+    if world() == 1:
+        return [value]
+    out: list[Any] = [None] * world()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def gather_to_rank0(value: Any) -> list[Any] | None:
@@ -171,80 +180,158 @@ def upload_at_window_end(
     return out
 
 
-def gather_listed(
-    services: Services, window: int, codec: Codec, shapes: Mapping[str, tuple[int, ...]]
+def fetch_listed(
+    services: Services,
+    window: int,
+    codec: Codec,
+    shapes: Mapping[str, tuple[int, ...]],
+    names: Collection[str] | None = (),
 ) -> dict[str, Any]:
-    """Rank 0: the peer list in force, its peers' verified uploads (polled until the interval
-    closes), each validated by ``codec``, and the ones to aggregate (``PeerList.select``).
+    """Rank 0: the peer list in force and its peers' verified uploads (polled until the interval
+    closes), each checked by ``codec.validate(..., names)``: by default the structure only
+    (framing, checksum, header, sizes); :func:`gather_checked` splits the per-tensor checks
+    across the peer's ranks.
 
-    Returns the window's plan: metrics, ``skip_reason`` when there is nothing to aggregate, the
-    unusable uploads' reasons, and ``blobs``/``sizes`` (the chosen payloads, ascending uid)."""
+    Returns the plan (small values made here): ``listed`` (the :class:`PeerList`, or ``None``
+    with a ``skip_reason``), ``candidates`` (uids whose upload passed, ascending) with their
+    ``sizes`` and ``blobs``, ``rejected`` (uid -> reason) and ``gather_s``."""
     exchange = services.exchange
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"peers": 0.0, "rejected": 0.0, "bytes_down": 0.0, "sizes": []}
+    plan: dict[str, Any] = {"listed": None, "candidates": [], "sizes": [], "rejected": {}}
+    blobs: dict[int, bytes] = {}
     peers = exchange.peer_list(window)
     if peers is None or not peers.gather:
-        out["skip_reason"] = "no peer list in force"
-        out["gather_s"] = time.perf_counter() - t0
-        return out
-    cap = codec.max_payload_bytes(shapes)
-    usable: dict[int, Upload] = {}
-    rejected: dict[int, str] = {}
-    for outcome in exchange.fetch_gradients(window, peers.uids, max_bytes=cap, codec=codec.name):
-        if isinstance(outcome, UploadRejection):
-            rejected[outcome.uid] = outcome.reason
-            continue
+        plan["skip_reason"] = "no peer list in force"
+    else:
+        plan["listed"] = peers
+        cap = codec.max_payload_bytes(shapes)
+        for outcome in exchange.fetch_gradients(
+            window, peers.uids, max_bytes=cap, codec=codec.name
+        ):
+            if isinstance(outcome, UploadRejection):
+                plan["rejected"][outcome.uid] = outcome.reason
+                continue
+            try:
+                codec.validate(outcome.payload, shapes, names=names)
+            except PayloadRejected as exc:
+                plan["rejected"][outcome.uid] = exc.reason
+                continue
+            blobs[outcome.uid] = outcome.payload
+    plan["candidates"] = sorted(blobs)
+    plan["sizes"] = [len(blobs[u]) for u in plan["candidates"]]
+    plan["blobs"] = [blobs[u] for u in plan["candidates"]]
+    plan["gather_s"] = time.perf_counter() - t0
+    return plan
+
+
+def validation_share(shapes: Mapping[str, tuple[int, ...]], ranks: int, me: int) -> set[str]:
+    """The tensors rank ``me`` of ``ranks`` checks in every gathered payload: the largest tensor
+    first to the least-loaded rank (ties to the lower rank), the same answer on every rank."""
+    load = [0] * ranks
+    share: set[str] = set()
+    for name in sorted(shapes, key=lambda n: (-math.prod(shapes[n]), n)):
+        r = min(range(ranks), key=lambda i: (load[i], i))
+        load[r] += math.prod(shapes[name])
+        if r == me:
+            share.add(name)
+    return share
+
+
+def gather_checked(
+    services: Services | None,
+    window: int,
+    codec: Codec,
+    shapes: Mapping[str, tuple[int, ...]],
+    fetch: Callable[[], dict[str, Any]] | None = None,
+) -> tuple[dict[str, Any], list[bytes]]:
+    """The payloads to aggregate this window, the same on every rank. Collective.
+
+    Rank 0 fetches the listed peers' uploads and checks their structure (``fetch``, by default
+    :func:`fetch_listed`); a failure there becomes a ``skip_reason``, so every rank moves on.
+    Then, until the choice is stable: the chosen uploads not yet received reach every rank (raw
+    uint8 broadcasts, never unpickled), each rank checks its :func:`validation_share` of their
+    tensors, the ranks share what failed, and :meth:`PeerList.select` chooses again without it
+    (a reserve peer stands in for a gather peer whose upload failed). The per-tensor checks thus
+    cost ``1/ranks`` of a whole payload on each rank instead of all of it on rank 0, and a
+    reserve upload is only broadcast when it is needed. A one-process peer checks everything
+    while fetching. Returns the window's metrics and the chosen payloads, ascending uid."""
+    alone = world() == 1
+    if fetch is None:
+        assert services is not None
+
+        def fetch() -> dict[str, Any]:
+            return fetch_listed(services, window, codec, shapes, names=None if alone else ())
+
+    plan: dict[str, Any] | None = None
+    blobs: dict[int, bytes] = {}
+    if rank() == 0:
         try:
-            codec.validate(outcome.payload, shapes)
-        except PayloadRejected as exc:
-            rejected[outcome.uid] = exc.reason
-            continue
-        usable[outcome.uid] = outcome
-    chosen = peers.select(usable)
-    out["peers"] = float(len(chosen))
-    out["rejected"] = float(sum(1 for u in peers.gather if u in rejected))
-    out["gathered"] = ",".join(str(u) for u in chosen)
+            plan = fetch()
+        except Exception as exc:  # rank 0's I/O failed: every rank must still move on
+            log.warning("window %d: gather failed: %s", window, exc, exc_info=True)
+            plan = {"skip_reason": f"gather failed: {exc}", "listed": None}
+            plan.update(candidates=[], sizes=[], rejected={}, blobs=[])
+        blobs = dict(zip(plan["candidates"], plan.pop("blobs"), strict=True))
+    plan = broadcast_obj(plan)
+    assert plan is not None
+    peers: PeerList | None = plan["listed"]
+    sizes = dict(zip(plan["candidates"], plan["sizes"], strict=True))
+    rejected: dict[int, str] = dict(plan["rejected"])
+    have: dict[int, bytes] = {}
+    chosen: list[int] = []
+    t0 = time.perf_counter()
+    mine = validation_share(shapes, world(), rank())
+    while peers is not None:
+        chosen = peers.select([u for u in sizes if u not in rejected])
+        new = [u for u in chosen if u not in have]
+        if not new:
+            break
+        got = broadcast_bytes(
+            [blobs[u] for u in new] if rank() == 0 else None, [sizes[u] for u in new]
+        )
+        failed: dict[int, str] = {}
+        for uid, blob in zip(new, got, strict=True):
+            have[uid] = blob
+            if alone:
+                continue  # checked whole while fetching
+            try:
+                codec.validate(blob, shapes, names=mine)
+            except PayloadRejected as exc:
+                failed[uid] = exc.reason
+            except Exception as exc:  # a codec bug must not leave the other ranks waiting
+                failed[uid] = f"validation_error: {type(exc).__name__}"
+        for part in all_gather_obj(failed):
+            for uid, reason in part.items():
+                rejected.setdefault(uid, reason)
+    out: dict[str, Any] = {
+        "peers": float(len(chosen)),
+        "rejected": float(sum(1 for u in (peers.gather if peers else ()) if u in rejected)),
+        "gathered": ",".join(str(u) for u in chosen),
+        "gather_s": float(plan["gather_s"]) if "gather_s" in plan else 0.0,
+        "validate_s": time.perf_counter() - t0,
+    }
+    if "skip_reason" in plan:
+        out["skip_reason"] = plan["skip_reason"]
+    elif not chosen:
+        out["skip_reason"] = "no usable upload from the peer list"
     if rejected:
         reasons = ", ".join(f"{u}:{r}" for u, r in sorted(rejected.items()))
         out["rejected_reasons"] = reasons  # in metrics.jsonl with the window's line
-        log.info("window %d: unusable uploads: %s", window, reasons)
-    if not chosen:
-        out["skip_reason"] = "no usable upload from the peer list"
-    blobs = [usable[u].payload for u in chosen]
-    out["blobs"] = blobs
-    out["sizes"] = [len(b) for b in blobs]
-    out["bytes_down"] = float(sum(out["sizes"]))
-    out["gather_s"] = time.perf_counter() - t0
-    return out
-
-
-def distribute(
-    window: int, plan_on_rank0: Callable[[], dict[str, Any]]
-) -> tuple[dict[str, Any], list[bytes]]:
-    """Run ``plan_on_rank0`` on global rank 0 (a failure there becomes a ``skip_reason``, so
-    every rank moves on), then give its plan (small, made here) and its ``blobs`` (peer bytes,
-    as raw uint8 broadcasts, never pickled) to every rank. Collective."""
-    blobs: list[bytes] | None = None
-    plan: dict[str, Any] | None = None
-    if rank() == 0:
-        try:
-            plan = plan_on_rank0()
-        except Exception as exc:  # rank 0's I/O failed: every rank must still move on
-            log.warning("window %d: gather failed: %s", window, exc, exc_info=True)
-            plan = {"skip_reason": f"gather failed: {exc}", "sizes": []}
-        blobs = plan.pop("blobs", [])
-    plan = broadcast_obj(plan)
-    assert plan is not None
-    return plan, broadcast_bytes(blobs, plan["sizes"])
+        if rank() == 0:
+            log.info("window %d: unusable uploads: %s", window, reasons)
+    payloads = [have[u] for u in chosen]
+    out["bytes_down"] = float(sum(len(b) for b in payloads))
+    return out, payloads
 
 
 __all__ = [
+    "all_gather_obj",
     "all_ok",
     "broadcast_bytes",
     "broadcast_obj",
     "contributes",
-    "distribute",
-    "gather_listed",
+    "fetch_listed",
+    "gather_checked",
     "gather_to_rank0",
     "local_index",
     "rank",

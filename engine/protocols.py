@@ -574,7 +574,14 @@ class Codec(Protocol):
         """The largest valid payload for these shapes (the download cap, header excluded)."""
         ...
 
-    def validate(self, payload: bytes, shapes: Shapes) -> None: ...
+    def validate(
+        self, payload: bytes, shapes: Shapes, names: Collection[str] | None = None
+    ) -> None:
+        """Check everything about ``payload`` that an apply relies on. ``names`` (optional)
+        limits the per-tensor checks to those tensors; the payload's structure (framing,
+        checksum, header, sizes) is always checked. ``names=()`` checks the structure only: a
+        multi-rank peer checks the structure on rank 0 and splits the rest across its ranks."""
+        ...
 
     def decode(
         self, payload: bytes, shapes: Shapes, owned: Sequence[ParamShard] | None = None

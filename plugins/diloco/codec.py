@@ -30,7 +30,7 @@ import json
 import math
 import struct
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,10 +204,13 @@ class DensePayload:
         for i in range(0, flat.size, chunk):
             yield flat[i : i + chunk]
 
-    def check_finite(self, chunk: int) -> None:
-        """Every value of every tensor is finite (exponent bits not all ones), in bounded chunks."""
+    def check_finite(self, chunk: int, names: Collection[str] | None = None) -> None:
+        """Every value of every tensor (of ``names``, if given) is finite (exponent bits not all
+        ones), in bounded chunks."""
         mask = DTYPES[self.dtype][2]
         for name in self.shapes:
+            if names is not None and name not in names:
+                continue
             for part in self._chunks(name, chunk):
                 if bool(np.any((part & mask) == mask)):
                     raise _reject("payload_nonfinite", f"tensor {name!r} holds NaN or infinity")
@@ -341,8 +344,12 @@ class DenseCodec:
     def max_payload_bytes(self, shapes: Shapes) -> int:
         return payload_size(shapes, "fp32")
 
-    def validate(self, payload: bytes, shapes: Shapes) -> None:
-        parse_dense(payload, shapes, self.config).check_finite(self.config.check_chunk_elements)
+    def validate(
+        self, payload: bytes, shapes: Shapes, names: Collection[str] | None = None
+    ) -> None:
+        parse_dense(payload, shapes, self.config).check_finite(
+            self.config.check_chunk_elements, names
+        )
 
     def decode(
         self, payload: bytes, shapes: Shapes, owned: Sequence[ParamShard] | None = None

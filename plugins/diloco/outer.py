@@ -163,8 +163,10 @@ class DiLoCoOuterStep:
         shapes = self.shapes(model)
         params = model.local_parameters()
         lr = self.alpha(ctx.outer_step)
-        plan, payloads = peer.distribute(ctx.window, lambda: self._gather(ctx.window, shapes))
-        metrics: dict[str, Any] = {k: v for k, v in plan.items() if k != "sizes"}
+        plan, payloads = peer.gather_checked(
+            self.services, ctx.window, self.codec, shapes, lambda: self._gather(ctx.window, shapes)
+        )
+        metrics: dict[str, Any] = dict(plan)
         t1 = time.perf_counter()
         update: dict[str, torch.Tensor] = {}
         reason = plan.get("skip_reason", "")
@@ -261,9 +263,11 @@ class DiLoCoOuterStep:
         return out
 
     def _gather(self, window: int, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-        """Rank 0: the listed peers' verified, validated uploads (``peer.gather_listed``)."""
+        """Rank 0: the listed peers' verified uploads, structure-checked (``peer.fetch_listed``;
+        a one-process peer checks them whole here)."""
         assert self.services is not None
-        return peer.gather_listed(self.services, window, self.codec, shapes)
+        whole = None if peer.world() == 1 else ()
+        return peer.fetch_listed(self.services, window, self.codec, shapes, names=whole)
 
     # -- applying given uploads (validator, catch-up) ----------------------------------------
 

@@ -16,8 +16,9 @@ One window, on every rank of the peer (SPEC section 4; docs/sparseloco.md "The o
 
 Only global rank 0 does I/O (services: chain, hotkey, storage); the other ranks receive its
 decisions and the chosen payload bytes through collectives. The payload bytes received from
-peers are untrusted until :class:`SparseLoCoCodec` has validated them on rank 0; every rank
-still decodes them through the same checked parser.
+peers are untrusted: rank 0 checks their structure, every rank checks its share of their
+tensors before anything is aggregated (``peer.gather_checked``), and every rank still decodes
+them through the same checked parser.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -73,8 +74,13 @@ class SparseLoCoCodec:
 
     name = "sparseloco/1"
 
-    def __init__(self, config: SparseLoCoConfig | None = None) -> None:
+    def __init__(
+        self, config: SparseLoCoConfig | None = None, device: torch.device | str = "cpu"
+    ) -> None:
         self.config = config or SparseLoCoConfig()
+        # where validate and aggregate decode: a miner's outer step sets its parameters'
+        # device (a GPU decodes ~100x faster than one CPU thread; docs/BENCHMARKS.md)
+        self.device = torch.device(device)
 
     def _parse(self, payload: bytes, shapes: Shapes) -> ParsedPayload:
         try:
@@ -85,10 +91,12 @@ class SparseLoCoCodec:
     def max_payload_bytes(self, shapes: Shapes) -> int:
         return expected_payload_size(shapes, self.config)
 
-    def validate(self, payload: bytes, shapes: Shapes) -> None:
+    def validate(
+        self, payload: bytes, shapes: Shapes, names: Collection[str] | None = None
+    ) -> None:
         parsed = self._parse(payload, shapes)
         try:
-            parsed.validate()
+            parsed.validate(names, self.device)
         except PayloadError as exc:
             raise PayloadRejected(_reason(exc), str(exc)) from None
 
@@ -126,7 +134,7 @@ class SparseLoCoCodec:
     ) -> dict[str, torch.Tensor]:
         boxes = boxes_of(owned) if owned is not None else None
         try:
-            return aggregate_payloads(payloads, shapes, self.config, owned=boxes)
+            return aggregate_payloads(payloads, shapes, self.config, self.device, owned=boxes)
         except PayloadError as exc:
             raise PayloadRejected(_reason(exc), str(exc)) from None
         except AggregationError as exc:
@@ -259,8 +267,13 @@ class SparseLoCoOuterStep:
         shapes = self.shapes(model)
         params = model.local_parameters()
         alpha = self.alpha(ctx.outer_step)
-        plan, payloads = peer.distribute(ctx.window, lambda: self._gather(ctx.window, shapes))
-        metrics: dict[str, Any] = {k: v for k, v in plan.items() if k != "sizes"}
+        for p in params.values():  # decode where the weights live
+            self.codec.device = p.device
+            break
+        plan, payloads = peer.gather_checked(
+            self.services, ctx.window, self.codec, shapes, lambda: self._gather(ctx.window, shapes)
+        )
+        metrics: dict[str, Any] = dict(plan)
         # 4. every rank aggregates its own slices; the apply commits on all ranks or on none
         t1 = time.perf_counter()
         update: dict[str, torch.Tensor] = {}
@@ -320,9 +333,11 @@ class SparseLoCoOuterStep:
         return out
 
     def _gather(self, window: int, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-        """Rank 0: the listed peers' verified, validated uploads (``peer.gather_listed``)."""
+        """Rank 0: the listed peers' verified uploads, structure-checked (``peer.fetch_listed``;
+        a one-process peer checks them whole here)."""
         assert self.services is not None
-        return peer.gather_listed(self.services, window, self.codec, shapes)
+        whole = None if peer.world() == 1 else ()
+        return peer.fetch_listed(self.services, window, self.codec, shapes, names=whole)
 
     # -- applying given uploads (validator, catch-up) ----------------------------------------
 

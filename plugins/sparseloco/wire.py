@@ -36,7 +36,7 @@ import struct
 import sys
 import warnings
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -492,11 +492,16 @@ class ParsedPayload:
             name: out[name] if name in out else self.indices(name, device) for name in self.entries
         }
 
-    def validate(self) -> None:
-        """Read and check every tensor's indices and values (no dense allocation)."""
+    def validate(
+        self, names: Collection[str] | None = None, device: torch.device | str = "cpu"
+    ) -> None:
+        """Read and check every tensor's indices and values (no dense allocation); only those
+        of ``names`` if given (a multi-rank peer splits the work by tensor), on ``device``."""
         for name in self.entries:
-            self.indices(name)
-            self.values(name)
+            if names is not None and name not in names:
+                continue
+            self.indices(name, device)
+            self.values(name, device)
 
 
 def parse_payload(

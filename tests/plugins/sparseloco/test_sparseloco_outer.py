@@ -37,6 +37,7 @@ from _sl_helpers import mutate, reseal, section_offsets
 
 import covenant.plugins.sparseloco as sl
 import covenant.plugins.sparseloco.outer as outer_mod
+from covenant.engine import peer
 from covenant.engine.protocols import (
     AggregateRecord,
     ParamShard,
@@ -548,8 +549,8 @@ def test_a_bad_upload_is_skipped_with_its_reason(
 
 
 def test_the_same_bad_upload_is_rejected_by_the_gather_plan(net: OuterNet) -> None:
-    """``_gather`` (rank 0's plan) names the chosen peers, counts the rejected one and carries
-    only the chosen payloads to the other ranks."""
+    """``_gather`` (rank 0's plan) carries the listed peers' checked uploads, ascending uid,
+    and the rejected one's reason; ``gather_checked`` chooses and counts."""
     w = take_window(net)
     miners = honest(net)
     net.post_peer_list(w, [m.uid for m in miners] + [net["eve"].uid])
@@ -561,11 +562,16 @@ def test_the_same_bad_upload_is_rejected_by_the_gather_plan(net: OuterNet) -> No
     assert bob.outer is not None
     plan = bob.outer._gather(w, SHAPES)
     uids = sorted(m.uid for m in miners)
-    assert plan["gathered"] == ",".join(map(str, uids))
-    assert plan["rejected"] == 1.0 and plan["peers"] == 3.0
+    assert plan["candidates"] == uids
+    assert set(plan["rejected"]) == {net["eve"].uid}
     assert plan["blobs"] == honest_payloads(net, w, uids)
     assert plan["sizes"] == [len(b) for b in plan["blobs"]]
     assert "skip_reason" not in plan
+    metrics, payloads = peer.gather_checked(bob.outer.services, w, bob.outer.codec, SHAPES)
+    assert metrics["gathered"] == ",".join(map(str, uids))
+    assert metrics["rejected"] == 1.0 and metrics["peers"] == 3.0
+    assert payloads == honest_payloads(net, w, uids)
+    assert "skip_reason" not in metrics
     net.finish(ctxs)  # keep the miners' windows complete
 
 
