@@ -43,7 +43,12 @@ def model_info(
     ),
     recompute: bool = typer.Option(False, "--recompute", help="full activation recomputation"),
     backend: str = typer.Option(
-        "te", "--backend", help="te (flash attention) | local (megatron's unfused attention)"
+        "te", "--backend", help="te (Transformer Engine, flash attention) | local (megatron's)"
+    ),
+    attention: str = typer.Option(
+        "sdpa",
+        "--attention",
+        help="with --backend local: sdpa (torch's flash kernels) | unfused (stores the scores)",
     ),
     outer_state: bool = typer.Option(
         True, "--outer-state/--no-outer-state", help="count the outer step's GPU buffers"
@@ -59,6 +64,8 @@ def model_info(
     try:
         if backend not in ("te", "local"):
             raise ValueError(f"unknown --backend {backend!r} (te | local)")
+        if attention not in ("sdpa", "unfused"):
+            raise ValueError(f"unknown --attention {attention!r} (sdpa | unfused)")
         shape = ModelConfig(preset=preset).resolve()
         result = memory.plan(
             shape,
@@ -70,7 +77,7 @@ def model_info(
             precision=precision,
             distributed_optimizer=distributed_optimizer,
             outer_state_on_gpu=outer_state,
-            flash_attention=backend == "te",
+            flash_attention=backend == "te" or attention == "sdpa",
             recompute=recompute,
         )
     except ValidationError as exc:

@@ -134,8 +134,21 @@ class ModelConfig(BaseModel):
     micro_batch: int = Field(1, ge=1)
 
     backend: Literal["auto", "local", "te"] = "auto"
+    attention: Literal["auto", "sdpa", "unfused"] = Field(
+        "auto",
+        description="core attention of the local backend: 'sdpa' (torch's "
+        "scaled_dot_product_attention: flash / memory-efficient kernels on a GPU) or 'unfused' "
+        "(megatron's DotProductAttention); 'auto' = sdpa on a GPU, unfused on a CPU",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    fusions: list[Literal["swiglu", "cross_entropy"]] = Field(
+        default_factory=list,
+        description="megatron fusions that need neither apex nor Transformer Engine: 'swiglu' "
+        "(bias_activation_fusion: the gated SiLU in one jit kernel) and 'cross_entropy' "
+        "(cross_entropy_loss_fusion, native implementation, bf16/fp8 only: it returns bf16 "
+        "logits gradients); same maths, to float rounding",
+    )
     distributed_optimizer: bool = False
     sequence_parallel: bool = False
     recompute: bool = Field(False, description="full activation recomputation per layer")

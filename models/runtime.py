@@ -60,7 +60,7 @@ def check_before_start(cfg: ModelConfig, world: int) -> tuple[ModelShape, Layout
             cfg.micro_batch,
             precision=choice.precision,
             distributed_optimizer=cfg.distributed_optimizer,
-            flash_attention=choice.backend == "te",
+            flash_attention=choice.flash_attention,
             recompute=cfg.recompute,
         )
         limit = int(cfg.gpu_memory_gb * memory.GIB)
@@ -172,9 +172,11 @@ class MegatronRuntime:
 
         self._fwd_bwd = get_forward_backward_func()
         logger.info(
-            "model %s built: backend=%s precision=%s tp=%d pp=%d dp=%d, %d local params",
+            "model %s built: backend=%s attention=%s precision=%s tp=%d pp=%d dp=%d, "
+            "%d local params",
             self._shape.name,
             self.choice.backend,
+            self.choice.attention,
             self.choice.precision,
             layout.tp,
             layout.pp,
@@ -189,7 +191,7 @@ class MegatronRuntime:
 
         model = GPTModel(
             config=self.tf_config,
-            transformer_layer_spec=layer_spec(self.choice.backend),
+            transformer_layer_spec=layer_spec(self.choice.backend, self.choice.attention),
             vocab_size=self._shape.vocab,
             max_sequence_length=self._shape.seq_len,
             pre_process=self._coords.is_first_stage,

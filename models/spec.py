@@ -22,6 +22,7 @@ from covenant.models.config import ModelConfig, ModelConfigError, ModelShape
 logger = logging.getLogger(__name__)
 
 Backend = Literal["local", "te"]
+Attention = Literal["te", "sdpa", "unfused"]
 Precision = Literal["fp32", "bf16", "fp8"]
 
 # Oldest Transformer Engine version that implements each FP8 recipe through megatron-core 0.16
@@ -72,6 +73,25 @@ def resolve_backend(requested: str, *, cuda: bool | None = None, te: bool | None
     if requested == "local":
         return "local"
     raise ModelConfigError(f"[model] unknown backend {requested!r}")
+
+
+def resolve_attention(requested: str, backend: Backend, *, cuda: bool | None = None) -> Attention:
+    """The core attention: Transformer Engine's own with ``te``; for ``local``, ``auto`` ->
+    ``sdpa`` on a GPU (flash kernels), ``unfused`` on a CPU (megatron's path, which the CPU
+    tests' fixtures were made with; ``sdpa`` is allowed there too and runs the math kernel)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if requested not in ("auto", "sdpa", "unfused"):
+        raise ModelConfigError(f"[model] unknown attention {requested!r} (auto | sdpa | unfused)")
+    if backend == "te":
+        if requested != "auto":
+            raise ModelConfigError(
+                f"[model] attention={requested!r} applies to backend='local'; backend='te' "
+                "uses Transformer Engine's fused attention (set attention='auto')"
+            )
+        return "te"
+    if requested == "auto":
+        return "sdpa" if cuda else "unfused"
+    return requested  # type: ignore[return-value]
 
 
 def resolve_precision(requested: str, *, cuda: bool | None = None) -> Precision:
@@ -137,13 +157,20 @@ def fp8_settings(
     return {"fp8": "hybrid" if recipe == "delayed" else "e4m3", "fp8_recipe": recipe}
 
 
-def layer_spec(backend: Backend) -> Any:
-    """megatron's Llama-style layer ``ModuleSpec`` for ``backend`` (RMSNorm, SwiGLU, GQA)."""
+def layer_spec(backend: Backend, attention: Attention | None = None) -> Any:
+    """megatron's Llama-style layer ``ModuleSpec`` for ``backend`` (RMSNorm, SwiGLU, GQA), with
+    ``attention='sdpa'`` its core attention swapped for :class:`~covenant.models.attention.
+    SDPAttention` (the spec mechanism: no block code changes)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if backend == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if attention == "sdpa":
+        from covenant.models.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +180,12 @@ class BuildChoice:
     backend: Backend
     precision: Precision
     fp8: dict[str, Any]
+    attention: Attention = "unfused"
+
+    @property
+    def flash_attention(self) -> bool:
+        """Whether the attention never stores the score matrix (for the memory plan)."""
+        return self.attention == "te" or (self.attention == "sdpa" and torch.cuda.is_available())
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -174,7 +207,17 @@ def choose(cfg: ModelConfig) -> BuildChoice:
         )
     if cfg.sequence_parallel and cfg.tp == 1:
         raise ModelConfigError("[model] sequence_parallel needs tp > 1")
-    return BuildChoice(backend=backend, precision=precision, fp8=fp8)
+    if "cross_entropy" in cfg.fusions and precision == "fp32":
+        # megatron-core 0.16.1's native fused cross-entropy casts the logits gradient to bf16
+        # (fusions/fused_cross_entropy.py): harmless in bf16 training, a silent loss of
+        # precision in fp32 (gradients off by ~0.1 % on the tiny model)
+        raise ModelConfigError(
+            "[model] fusions=['cross_entropy'] needs precision bf16 or fp8: megatron's native "
+            "fused cross-entropy returns bf16 logits gradients, which would silently change an "
+            "fp32 run's numerics"
+        )
+    attention = resolve_attention(cfg.attention, backend)
+    return BuildChoice(backend=backend, precision=precision, fp8=fp8, attention=attention)
 
 
 def transformer_config(
@@ -220,14 +263,17 @@ def transformer_config(
         pipeline_dtype=choice.params_dtype,
         bf16=choice.precision in ("bf16", "fp8"),
         use_cpu_initialization=on_cpu,
-        # Fused kernels need CUDA extensions (apex / TE); the unfused paths are identical maths.
-        bias_activation_fusion=False,
+        # Most fused kernels need CUDA extensions (apex / TE); the unfused paths are the same
+        # maths. Two need neither and are opt-in ([model] fusions): the SwiGLU and the native
+        # fused cross-entropy (jit-scripted torch).
+        bias_activation_fusion="swiglu" in cfg.fusions,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
-        cross_entropy_loss_fusion=False,
+        cross_entropy_loss_fusion="cross_entropy" in cfg.fusions,
+        cross_entropy_fusion_impl="native",
         # gloo cannot batch p2p with a sync on CPU; with NCCL megatron's default is fine.
         batch_p2p_sync=not on_cpu,
         attention_softmax_in_fp32=True,

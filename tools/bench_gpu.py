@@ -53,62 +53,22 @@ def _backend(requested: str) -> str:
         return "local"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="templar-1b")
-    ap.add_argument("--layers", type=int, default=0, help="override the layer count (0 = preset)")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--backend", choices=["auto", "local", "te"], default="auto")
-    ap.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
-    ap.add_argument(
-        "--fp8-recipe", default="delayed", choices=["delayed", "tensorwise", "mxfp8", "blockwise"]
-    )
-    ap.add_argument("--recompute", action="store_true", help="full activation recomputation")
-    ap.add_argument("--json", action="store_true", help="print only the JSON result")
-    args = ap.parse_args()
+def _attention(requested: str, backend: str) -> str:
+    if backend == "te":
+        if requested not in ("auto",):
+            sys.exit(f"error: --attention {requested} applies to --backend local (te: TE's own)")
+        return "te"
+    return "sdpa" if requested == "auto" else requested
 
+
+def _build_config(
+    args: argparse.Namespace, shape: dict[str, Any], backend: str, attention: str
+) -> tuple[Any, Any]:
+    """The megatron TransformerConfig and layer spec of this run (nothing is built)."""
     import torch
-    import torch.distributed as dist
     import torch.nn.functional as F
-
-    if not torch.cuda.is_available():
-        sys.exit("error: bench_gpu.py needs a CUDA GPU")
-    backend = _backend(args.backend)
-    if args.precision == "fp8" and backend != "te":
-        sys.exit("error: --precision fp8 needs Transformer Engine (--backend te)")
-    shape = _shape(args)
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl")
-    if dist.get_world_size() != 1:
-        sys.exit("error: bench_gpu.py measures one GPU (world size 1)")
-
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    from megatron.core import parallel_state
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.models.gpt import GPTModel, gpt_layer_specs
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.module import Float16Module
+    from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_config import TransformerConfig
-
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(0, te_rng_tracker=backend == "te")
 
     fp8: dict[str, Any] = {}
     if args.precision == "fp8":
@@ -143,13 +103,14 @@ def main() -> None:
         params_dtype=torch.bfloat16,
         pipeline_dtype=torch.bfloat16,
         bf16=True,
-        bias_activation_fusion=False,
+        bias_activation_fusion="swiglu" in args.fusions,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
-        cross_entropy_loss_fusion=False,
+        cross_entropy_loss_fusion="cross_entropy" in args.fusions,
+        cross_entropy_fusion_impl="native",
         attention_softmax_in_fp32=True,
         **recompute,
         **fp8,
@@ -159,6 +120,124 @@ def main() -> None:
         if backend == "te"
         else gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     )
+    if attention == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = _sdpa_attention()
+    return cfg, spec
+
+
+def _sdpa_attention() -> Any:
+    """models/attention.py's SDPAttention, loaded from its file (no covenant install needed)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "models" / "attention.py"
+    module_spec = importlib.util.spec_from_file_location("covenant_bench_attention", path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.SDPAttention
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="templar-1b")
+    ap.add_argument("--layers", type=int, default=0, help="override the layer count (0 = preset)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--backend", choices=["auto", "local", "te"], default="auto")
+    ap.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
+    ap.add_argument(
+        "--fp8-recipe", default="delayed", choices=["delayed", "tensorwise", "mxfp8", "blockwise"]
+    )
+    ap.add_argument("--recompute", action="store_true", help="full activation recomputation")
+    ap.add_argument(
+        "--attention",
+        choices=["auto", "sdpa", "unfused"],
+        default="auto",
+        help="local backend's core attention: sdpa (models/attention.py: torch's flash kernels) "
+        "or unfused (megatron's DotProductAttention); auto = sdpa (te: TE's own)",
+    )
+    ap.add_argument(
+        "--fusions",
+        nargs="*",
+        default=[],
+        choices=["swiglu", "cross_entropy"],
+        help="megatron fusions that need no apex/TE: swiglu (bias_activation_fusion), "
+        "cross_entropy (cross_entropy_loss_fusion, native)",
+    )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve and validate the configuration and layer spec, print it, build nothing "
+        "(runs without a GPU)",
+    )
+    ap.add_argument("--json", action="store_true", help="print only the JSON result")
+    args = ap.parse_args()
+
+    import torch
+    import torch.distributed as dist
+
+    backend = _backend(args.backend)
+    attention = _attention(args.attention, backend)
+    if args.precision == "fp8" and backend != "te":
+        sys.exit("error: --precision fp8 needs Transformer Engine (--backend te)")
+    shape = _shape(args)
+    if args.dry_run:
+        cfg, spec = _build_config(args, shape, backend, attention)
+        core = spec.submodules.self_attention.submodules.core_attention
+        print(
+            json.dumps(
+                {
+                    "dry_run": True,
+                    "preset": args.preset,
+                    "layers": shape["layers"],
+                    "backend": backend,
+                    "attention": attention,
+                    "core_attention": f"{core.__module__}.{core.__name__}",
+                    "fusions": {
+                        "bias_activation_fusion": cfg.bias_activation_fusion,
+                        "cross_entropy_loss_fusion": cfg.cross_entropy_loss_fusion,
+                    },
+                    "precision": args.precision,
+                    "micro_batch": args.micro_batch,
+                    "seq": args.seq,
+                }
+            )
+        )
+        return
+    if not torch.cuda.is_available():
+        sys.exit("error: bench_gpu.py needs a CUDA GPU (--dry-run checks the configuration)")
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl")
+    if dist.get_world_size() != 1:
+        sys.exit("error: bench_gpu.py measures one GPU (world size 1)")
+
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from megatron.core import parallel_state
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.module import Float16Module
+
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(0, te_rng_tracker=backend == "te")
+
+    cfg, spec = _build_config(args, shape, backend, attention)
     t0 = time.perf_counter()
     gpt = GPTModel(
         config=cfg,
@@ -238,9 +317,7 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
     n_tokens = mb * seq * args.grad_accum
-    flops = (
-        6 * n_matmul * n_tokens + 12 * shape["layers"] * shape["heads"] * head_dim * seq * n_tokens
-    )
+    flops = 6 * n_matmul * n_tokens + 12 * shape["layers"] * shape["hidden"] * seq * n_tokens
     peak_key = "fp8" if args.precision == "fp8" else "bf16"
     result = {
         "bench": "model_step_gpu",
@@ -248,6 +325,8 @@ def main() -> None:
         "layers": shape["layers"],
         "params": n_params,
         "backend": backend,
+        "attention": attention,
+        "fusions": sorted(args.fusions),
         "precision": args.precision,
         "fp8_recipe": args.fp8_recipe if args.precision == "fp8" else None,
         "micro_batch": mb,

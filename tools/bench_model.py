@@ -39,7 +39,7 @@ def _plain_loop(rt: Any, tokens: Any) -> Any:
     cfg = transformer_config(rt.shape, rt.model_cfg, rt.choice, tp=1, pp=1)
     gpt = GPTModel(
         config=cfg,
-        transformer_layer_spec=layer_spec(rt.choice.backend),
+        transformer_layer_spec=layer_spec(rt.choice.backend, rt.choice.attention),
         vocab_size=rt.shape.vocab,
         max_sequence_length=rt.shape.seq_len,
         position_embedding_type="rope",

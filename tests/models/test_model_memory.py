@@ -69,13 +69,25 @@ def test_model_info_json() -> None:
 def test_model_info_local_backend_without_outer_state() -> None:
     base = ["model-info", "--preset", "templar-1b", "--micro-batch", "4", "--json"]
     te = json.loads(CliRunner().invoke(_app(), base).output)["per_rank_bytes"]
-    result = CliRunner().invoke(_app(), [*base, "--backend", "local", "--no-outer-state"])
+    args = [*base, "--backend", "local", "--attention", "unfused", "--no-outer-state"]
+    result = CliRunner().invoke(_app(), args)
     assert result.exit_code == 0, result.output
     local = json.loads(result.output)["per_rank_bytes"]
     assert local["outer_snapshot"] == local["error_buffer"] == 0 < te["outer_snapshot"]
     assert local["activations"] > te["activations"]  # the unfused attention keeps its scores
     # The H200 measurement of this step (docs/BENCHMARKS.md) peaked at 49.2 GiB.
     assert local["total"] / memory.GIB == pytest.approx(49.2, rel=0.03)
+
+
+def test_model_info_local_backend_with_sdpa_counts_no_scores() -> None:
+    """SDPA on a GPU (flash / memory-efficient kernels) stores no score matrix: the local
+    backend's default plan has the activations of a flash attention."""
+    base = ["model-info", "--preset", "templar-1b", "--micro-batch", "4", "--json"]
+    sdpa = json.loads(CliRunner().invoke(_app(), [*base, "--backend", "local"]).output)
+    unfused = json.loads(
+        CliRunner().invoke(_app(), [*base, "--backend", "local", "--attention", "unfused"]).output
+    )
+    assert sdpa["per_rank_bytes"]["activations"] < unfused["per_rank_bytes"]["activations"]
 
 
 @pytest.mark.parametrize(
@@ -86,6 +98,7 @@ def test_model_info_local_backend_without_outer_state() -> None:
         (["--preset", "covenant-72b", "--tp", "8", "--gpu-gb", "80"], "per GPU, more than 80"),
         (["--preset", "nope"], "unknown preset"),
         (["--backend", "flash"], "unknown --backend"),
+        (["--attention", "flash"], "unknown --attention"),
     ],
 )
 def test_model_info_bad_input_exits_2(args: list[str], fragment: str) -> None:
