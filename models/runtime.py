@@ -172,12 +172,13 @@ class MegatronRuntime:
 
         self._fwd_bwd = get_forward_backward_func()
         logger.info(
-            "model %s built: backend=%s attention=%s precision=%s tp=%d pp=%d dp=%d, "
+            "model %s built: backend=%s attention=%s precision=%s%s tp=%d pp=%d dp=%d, "
             "%d local params",
             self._shape.name,
             self.choice.backend,
             self.choice.attention,
             self.choice.precision,
+            " (native FP8, tensorwise scaling)" if self.choice.native_fp8 else "",
             layout.tp,
             layout.pp,
             layout.dp,
@@ -191,7 +192,9 @@ class MegatronRuntime:
 
         model = GPTModel(
             config=self.tf_config,
-            transformer_layer_spec=layer_spec(self.choice.backend, self.choice.attention),
+            transformer_layer_spec=layer_spec(
+                self.choice.backend, self.choice.attention, self.choice.native_fp8
+            ),
             vocab_size=self._shape.vocab,
             max_sequence_length=self._shape.seq_len,
             pre_process=self._coords.is_first_stage,

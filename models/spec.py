@@ -34,6 +34,10 @@ FP8_RECIPE_MIN_TE: dict[str, str] = {
     "mxfp8": "2.1",
 }
 MXFP8_MIN_COMPUTE_CAPABILITY = (10, 0)
+# Without Transformer Engine, FP8 runs through native PyTorch (models/fp8.py): tensorwise
+# current scaling on the FP8 tensor cores of Ada / Hopper or newer.
+NATIVE_FP8_RECIPE = "tensorwise"
+NATIVE_FP8_MIN_CC = (8, 9)
 
 
 def te_available() -> bool:
@@ -134,7 +138,18 @@ def fp8_settings(
     if precision != "fp8":
         return {}
     if backend != "te":
-        raise ModelConfigError("[model] precision='fp8' needs backend='te' (Transformer Engine)")
+        # the native path (models/fp8.py): tensorwise current scaling through torch._scaled_mm
+        if recipe != NATIVE_FP8_RECIPE:
+            raise ModelConfigError(
+                f"[model] fp8_recipe={recipe!r} needs backend='te' (Transformer Engine); "
+                f"backend='local' runs FP8 natively with fp8_recipe='{NATIVE_FP8_RECIPE}' only"
+            )
+        if compute_capability is None or compute_capability < NATIVE_FP8_MIN_CC:
+            raise ModelConfigError(
+                "[model] precision='fp8' needs FP8 tensor cores (compute capability >= 8.9: "
+                f"Ada, Hopper or newer); this GPU is {compute_capability}"
+            )
+        return {}  # nothing for megatron's config: the layer spec carries the FP8 linears
     if recipe not in FP8_RECIPE_MIN_TE:
         raise ModelConfigError(
             f"[model] unknown fp8_recipe {recipe!r}; known: {', '.join(FP8_RECIPE_MIN_TE)}"
@@ -157,10 +172,13 @@ def fp8_settings(
     return {"fp8": "hybrid" if recipe == "delayed" else "e4m3", "fp8_recipe": recipe}
 
 
-def layer_spec(backend: Backend, attention: Attention | None = None) -> Any:
+def layer_spec(
+    backend: Backend, attention: Attention | None = None, native_fp8: bool = False
+) -> Any:
     """megatron's Llama-style layer ``ModuleSpec`` for ``backend`` (RMSNorm, SwiGLU, GQA), with
     ``attention='sdpa'`` its core attention swapped for :class:`~covenant.models.attention.
-    SDPAttention` (the spec mechanism: no block code changes)."""
+    SDPAttention` and with ``native_fp8`` its large linears for :mod:`covenant.models.fp8`'s
+    (the spec mechanism: no block code changes)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if backend == "te":
@@ -170,6 +188,10 @@ def layer_spec(backend: Backend, attention: Attention | None = None) -> Any:
         from covenant.models.attention import SDPAttention
 
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if native_fp8:
+        from covenant.models.fp8 import use_float8_linears
+
+        use_float8_linears(spec)
     return spec
 
 
@@ -181,6 +203,11 @@ class BuildChoice:
     precision: Precision
     fp8: dict[str, Any]
     attention: Attention = "unfused"
+
+    @property
+    def native_fp8(self) -> bool:
+        """FP8 through native PyTorch (models/fp8.py) rather than Transformer Engine."""
+        return self.precision == "fp8" and self.backend == "local"
 
     @property
     def flash_attention(self) -> bool:

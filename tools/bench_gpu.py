@@ -71,7 +71,7 @@ def _build_config(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     fp8: dict[str, Any] = {}
-    if args.precision == "fp8":
+    if args.precision == "fp8" and backend == "te":
         fp8 = {
             "fp8": "hybrid" if args.fp8_recipe == "delayed" else "e4m3",
             "fp8_recipe": args.fp8_recipe,
@@ -121,20 +121,23 @@ def _build_config(
         else gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     )
     if attention == "sdpa":
-        spec.submodules.self_attention.submodules.core_attention = _sdpa_attention()
+        spec.submodules.self_attention.submodules.core_attention = _models("attention").SDPAttention
+    if args.precision == "fp8" and backend != "te":
+        _models("fp8").use_float8_linears(spec)  # native FP8: tensorwise, torch._scaled_mm
     return cfg, spec
 
 
-def _sdpa_attention() -> Any:
-    """models/attention.py's SDPAttention, loaded from its file (no covenant install needed)."""
+def _models(name: str) -> Any:
+    """``models/{name}.py`` loaded from its file (no covenant install needed; those two modules
+    import only torch and megatron)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "models" / "attention.py"
-    module_spec = importlib.util.spec_from_file_location("covenant_bench_attention", path)
+    path = Path(__file__).resolve().parent.parent / "models" / f"{name}.py"
+    module_spec = importlib.util.spec_from_file_location(f"covenant_bench_{name}", path)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.SDPAttention
+    return module
 
 
 def main() -> None:
@@ -181,8 +184,11 @@ def main() -> None:
 
     backend = _backend(args.backend)
     attention = _attention(args.attention, backend)
-    if args.precision == "fp8" and backend != "te":
-        sys.exit("error: --precision fp8 needs Transformer Engine (--backend te)")
+    if args.precision == "fp8" and backend != "te" and args.fp8_recipe != "tensorwise":
+        sys.exit(
+            f"error: --fp8-recipe {args.fp8_recipe} needs Transformer Engine (--backend te); "
+            "--backend local runs FP8 natively (models/fp8.py) with --fp8-recipe tensorwise"
+        )
     shape = _shape(args)
     if args.dry_run:
         cfg, spec = _build_config(args, shape, backend, attention)
@@ -196,6 +202,7 @@ def main() -> None:
                     "backend": backend,
                     "attention": attention,
                     "core_attention": f"{core.__module__}.{core.__name__}",
+                    "linear_fc1": spec.submodules.mlp.submodules.linear_fc1.__name__,
                     "fusions": {
                         "bias_activation_fusion": cfg.bias_activation_fusion,
                         "cross_entropy_loss_fusion": cfg.cross_entropy_loss_fusion,

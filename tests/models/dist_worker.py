@@ -65,6 +65,16 @@ def run_layout(
     from covenant.models.runtime import MegatronRuntime
 
     cfg = ModelConfig(**job["model"], tp=tp, pp=pp, dp=dp, distributed_optimizer=dist_opt)
+    if job.get("fp8_linears"):
+        # the native FP8 linears on this CPU (precision fp8 itself needs FP8 tensor cores):
+        # the spec is what a GPU run with backend='local', precision='fp8' builds
+        import covenant.models.runtime as runtime_mod
+        from covenant.models.spec import layer_spec
+
+        def fp8_spec(backend: Any, attention: Any = None, native_fp8: bool = False) -> Any:
+            return layer_spec(backend, attention, True)
+
+        runtime_mod.layer_spec = fp8_spec  # type: ignore[assignment]
     rt = MegatronRuntime(cfg, OptimConfig(**job.get("optim", {})))
     from safetensors.torch import load_file
 

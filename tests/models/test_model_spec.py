@@ -44,6 +44,9 @@ def test_fp8_recipe_selection(
     ("recipe", "backend", "te_ver", "cc", "fragment"),
     [
         ("delayed", "local", "2.2", (9, 0), "needs backend='te'"),
+        ("mxfp8", "local", None, (10, 0), "fp8_recipe='tensorwise' only"),
+        ("tensorwise", "local", None, (8, 0), "compute capability >= 8.9"),
+        ("tensorwise", "local", None, None, "needs FP8 tensor cores"),
         ("tensorwise", "te", "2.1.0", (9, 0), "needs Transformer Engine >= 2.2"),
         ("blockwise", "te", "2.2.9", (9, 0), "needs Transformer Engine >= 2.3"),
         ("mxfp8", "te", "2.5", (9, 0), "needs a Blackwell GPU"),
@@ -56,6 +59,12 @@ def test_fp8_recipe_errors(
 ) -> None:
     with pytest.raises(ModelConfigError, match=fragment):
         fp8_settings("fp8", recipe, backend, te_ver=te_ver, compute_capability=cc)
+
+
+def test_native_fp8_on_ada_or_hopper_needs_no_te() -> None:
+    """backend='local' + tensorwise: no TE fields for megatron (the spec carries FP8 linears)."""
+    assert fp8_settings("fp8", "tensorwise", "local", te_ver=None, compute_capability=(9, 0)) == {}
+    assert fp8_settings("fp8", "tensorwise", "local", compute_capability=(8, 9)) == {}
 
 
 def test_no_fp8_fields_unless_fp8() -> None:

@@ -39,9 +39,19 @@ def test_dry_run_resolves_the_fast_path() -> None:
     [
         (["--backend", "te", "--attention", "sdpa", "--dry-run"], "applies to --backend local"),
         (["--backend", "local", "--precision", "fp8", "--dry-run"], "needs Transformer Engine"),
+        (["--backend", "local", "--precision", "fp8", "--fp8-recipe", "mxfp8"], "tensorwise"),
         (["--backend", "local"], "needs a CUDA GPU"),
     ],
 )
 def test_bad_combinations_exit_with_the_reason(args: list[str], message: str) -> None:
     res = _run(*args)
     assert res.returncode != 0 and message in res.stderr
+
+
+def test_dry_run_of_native_fp8() -> None:
+    res = _run(
+        "--dry-run", "--backend", "local", "--precision", "fp8", "--fp8-recipe", "tensorwise"
+    )
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(res.stdout.strip().splitlines()[-1])
+    assert plan["precision"] == "fp8" and plan["linear_fc1"] == "Float8ColumnParallelLinear"
