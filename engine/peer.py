@@ -324,7 +324,56 @@ def gather_checked(
     return out, payloads
 
 
+def aggregate_agreed(
+    services: Services | None,
+    ctx: WindowContext,
+    codec: Codec,
+    payloads: list[bytes],
+    shapes: Mapping[str, tuple[int, ...]],
+    owned: list[ParamShard],
+    skip_reason: str = "",
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Every rank aggregates its own slices of ``payloads``; a plugin may decline the result
+    (``covenant_apply_aggregate``); then the ranks agree. Collective.
+
+    Returns ``(update, "")`` on every rank when all ranks may apply, else ``({}, reason)`` on
+    every rank (the reason is this rank's, or ``skip_reason``): the apply commits on all ranks
+    or on none."""
+    update: dict[str, torch.Tensor] = {}
+    reason = skip_reason
+    if payloads:
+        try:
+            update = codec.aggregate(payloads, shapes, owned=owned)
+        except Exception as exc:  # any failure on any rank: every rank skips
+            reason = f"aggregate failed on rank {rank()}: {exc}"
+            log.warning("outer step: %s", reason)
+            update = {}
+    if update and services is not None and services.hook.covenant_apply_aggregate(ctx=ctx) is False:
+        reason = "a plugin declined to apply the aggregate"
+    if all_ok(bool(update) and not reason):
+        return update, ""
+    reason = reason or "a rank failed to aggregate"
+    if payloads:
+        log.warning("window %d: nothing applied (%s)", ctx.window, reason)
+    return {}, reason
+
+
+def put_sync_sample(services: Services | None, window: int, values: dict[str, Any]) -> None:
+    """Gather every rank's sync values (:func:`sync_values`) and upload the sample
+    ``debug/{window}/{uid}`` from rank 0. Collective; a failed upload costs sync score, not the
+    window."""
+    parts = gather_to_rank0(values)
+    if rank() != 0 or parts is None or services is None:
+        return
+    merged = {k: v for part in parts for k, v in part.items()}
+    try:
+        services.exchange.put_sync_sample(window, sync_pairs(merged))
+    except Exception as exc:
+        log.warning("window %d: sync sample upload failed: %s", window, exc)
+
+
 __all__ = [
+    "aggregate_agreed",
     "all_gather_obj",
     "all_ok",
     "broadcast_bytes",
@@ -334,6 +383,7 @@ __all__ = [
     "gather_checked",
     "gather_to_rank0",
     "local_index",
+    "put_sync_sample",
     "rank",
     "sync_pairs",
     "sync_values",

@@ -168,37 +168,23 @@ class DiLoCoOuterStep:
         )
         metrics: dict[str, Any] = dict(plan)
         t1 = time.perf_counter()
-        update: dict[str, torch.Tensor] = {}
-        reason = plan.get("skip_reason", "")
-        if payloads:
-            try:
-                update = self.codec.aggregate(payloads, shapes, owned=list(shards.values()))
-            except Exception as exc:  # any failure on any rank: every rank skips
-                reason = f"aggregate failed on rank {peer.rank()}: {exc}"
-                log.warning("outer step: %s", reason)
-                update = {}
-        hook = self.services.hook if self.services is not None else None
-        if update and hook is not None and hook.covenant_apply_aggregate(ctx=ctx) is False:
-            reason = "a plugin declined to apply the aggregate"
-        ok = peer.all_ok(bool(update) and not reason)
-        if ok:
+        update, reason = peer.aggregate_agreed(
+            self.services,
+            ctx,
+            self.codec,
+            payloads,
+            shapes,
+            list(shards.values()),
+            plan.get("skip_reason", ""),
+        )
+        if update:
             self._step(model, params, shards, update, lr, from_start=True)
         else:
-            reason = reason or "a rank failed to aggregate"
-            if payloads:
-                log.warning("window %d: nothing applied (%s)", ctx.window, reason)
-        metrics["applied"] = 1.0 if ok else 0.0
-        metrics["alpha"] = lr
-        if not ok:
             metrics["skip_reason"] = reason
+        metrics["applied"] = 1.0 if update else 0.0
+        metrics["alpha"] = lr
         metrics["apply_s"] = time.perf_counter() - t1
-        sample = peer.gather_to_rank0(peer.sync_values(model, params, shards))
-        if peer.rank() == 0 and sample is not None and self.services is not None:
-            values = {k: v for part in sample for k, v in part.items()}
-            try:
-                self.services.exchange.put_sync_sample(ctx.window, peer.sync_pairs(values))
-            except Exception as exc:  # a failed sync upload costs sync score, not the window
-                log.warning("window %d: sync sample upload failed: %s", ctx.window, exc)
+        peer.put_sync_sample(self.services, ctx.window, peer.sync_values(model, params, shards))
         self.start = {}
         return metrics
 

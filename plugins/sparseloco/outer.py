@@ -276,21 +276,16 @@ class SparseLoCoOuterStep:
         metrics: dict[str, Any] = dict(plan)
         # 4. every rank aggregates its own slices; the apply commits on all ranks or on none
         t1 = time.perf_counter()
-        update: dict[str, torch.Tensor] = {}
-        reason = plan.get("skip_reason", "")
-        if payloads:
-            try:
-                update = self.codec.aggregate(payloads, shapes, owned=list(shards.values()))
-            except Exception as exc:  # any failure on any rank: every rank skips
-                reason = f"aggregate failed on rank {peer.rank()}: {exc}"
-                log.warning("outer step: %s", reason)
-                update = {}
-        if update and self.services is not None:
-            wanted = self.services.hook.covenant_apply_aggregate(ctx=ctx)
-            if wanted is False:
-                reason = "a plugin declined to apply the aggregate"
-        ok = peer.all_ok(bool(update) and not reason)
-        if ok:
+        update, reason = peer.aggregate_agreed(
+            self.services,
+            ctx,
+            self.codec,
+            payloads,
+            shapes,
+            list(shards.values()),
+            plan.get("skip_reason", ""),
+        )
+        if update:
             with torch.no_grad():
                 for n, p in params.items():
                     if n in update:
@@ -298,24 +293,14 @@ class SparseLoCoOuterStep:
                         p.copy_(new.to(p.dtype))
             model.reload_params()
         else:
-            reason = reason or plan.get("skip_reason", "") or "a rank failed to aggregate"
             for e in self.errors.values():
                 e.zero_()
-            if payloads:
-                log.warning("window %d: nothing applied (%s)", ctx.window, reason)
-        metrics["applied"] = 1.0 if ok else 0.0
-        metrics["alpha"] = alpha
-        if not ok:
             metrics["skip_reason"] = reason
+        metrics["applied"] = 1.0 if update else 0.0
+        metrics["alpha"] = alpha
         metrics["apply_s"] = time.perf_counter() - t1
         # 5. the sync sample after applying this window
-        sample = peer.gather_to_rank0(self._sync_values(model, params, shards))
-        if peer.rank() == 0 and sample is not None and self.services is not None:
-            values = {k: v for part in sample for k, v in part.items()}
-            try:
-                self.services.exchange.put_sync_sample(ctx.window, peer.sync_pairs(values))
-            except Exception as exc:  # a failed sync upload costs sync score, not the window
-                log.warning("window %d: sync sample upload failed: %s", ctx.window, exc)
+        peer.put_sync_sample(self.services, ctx.window, self._sync_values(model, params, shards))
         self.start = {}
         return metrics
 
