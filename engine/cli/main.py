@@ -304,6 +304,7 @@ def _bad_call_arguments(exc: TypeError) -> bool:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: a user error is one red line and exit 2, never a traceback."""
     _configure_logging()
+    _stop_on_sigterm()
     try:
         command = typer.main.get_command(build_app(argv))
         rc = command.main(args=argv, prog_name="covenant", standalone_mode=False)

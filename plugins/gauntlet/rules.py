@@ -738,14 +738,18 @@ def gather_miss_excluded(history: Sequence[bool], *, limit: int = 4, span: int =
     return sum(1 for miss in list(history)[-span:] if miss) >= limit
 
 
-def sync_slashed(x: float | None, has_sample: bool, *, threshold: float = 2.0) -> bool:
+def sync_slashed(
+    x: float | None, has_sample: bool, *, threshold: float = 2.0, sample_due: bool = True
+) -> bool:
     """A gather peer is sync-slashed when it has no sample or ``x > threshold`` (SPEC 7).
 
     ``x is None`` means no sync score was computed this window (no step EMA yet, fix): then
-    only a missing sample is slashed.
+    only a missing sample is slashed. ``sample_due=False``: window ``S-1`` precedes the run's
+    start window, so no peer can have published its sample; a missing one is not slashed
+    (the spec is silent; slashing every gather peer of the first window for it is no signal).
     """
     if not has_sample:
-        return True
+        return sample_due
     return x is not None and x > threshold
 
 

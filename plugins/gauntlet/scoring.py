@@ -401,11 +401,14 @@ class Gauntlet:
         reserve: Sequence[int],
         gathered: Sequence[int],
         validators: Collection[int],
+        sync_sample_due: bool = True,
     ) -> WindowPlan:
         """Stage-1 rules of window ``S`` and the stage-2 draw (SPEC 7 order).
 
         Uids absent from ``observations`` count as having no gradient object for ``S``; pass an
         observation for every uid of the metagraph (validators may be left out).
+        ``sync_sample_due=False`` when ``S-1`` precedes the run's start window (no sample can
+        exist, so a missing one is not slashed; :func:`rules.sync_slashed`).
         """
         cfg = self.config
         if self._last_window is not None and window <= self._last_window:
@@ -609,7 +612,9 @@ class Gauntlet:
             obs_g = observations.get(uid)
             has_sample = obs_g is not None and obs_g.sync_sample is not None
             x = work[uid].sync_x if sync_computed else None
-            slashed = rules.sync_slashed(x, has_sample, threshold=cfg.sync_slash_x)
+            slashed = rules.sync_slashed(
+                x, has_sample, threshold=cfg.sync_slash_x, sample_due=sync_sample_due
+            )
             if slashed:
                 reason = (
                     "no sync sample" if not has_sample else f"sync x = {x:.4g} > {cfg.sync_slash_x}"
@@ -617,6 +622,7 @@ class Gauntlet:
                 slashes.append(Slash(uid, "sync", cfg.sync_slash_multiplier, reason))
             rec(uid).setdefault("sync", {"computed": sync_computed, "has_sample": has_sample})
             rec(uid)["sync"]["rule"] = "sync" if slashed else None
+            rec(uid)["sync"]["sample_due"] = sync_sample_due
 
         # --- 4. gather miss -------------------------------------------------------------------
         delivered = sum(1 for uid in gather_list if uid in gathered_set)

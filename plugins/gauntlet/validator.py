@@ -301,6 +301,7 @@ class GauntletScorer:
             reserve=reserve,
             gathered=gathered,
             validators=validators,
+            sync_sample_due=self.start is None or window - 1 >= self.start,
         )
         # ---- stage 2 ---------------------------------------------------------------------
         t_eval0 = time.perf_counter()

@@ -1210,7 +1210,7 @@ def _events_table(data: ReportData) -> str:
         peer = data.peer_by_name(event.peer)
         since = ""
         if event.time is not None and data.created is not None:
-            since = f" (+{event.time - data.created:.0f} s)"
+            since = f" ({event.time - data.created:+.0f} s)"
         cells = [
             _esc(_utc(event.time) + since),
             _num_cell(event.window),

@@ -193,6 +193,7 @@ class Swarm:
     peers: dict[str, Peer] = field(default_factory=dict)
     events: list[ChurnEvent] = field(default_factory=list)
     start_window: int | None = None
+    created: float = field(default_factory=time.time)  # when this swarm started, kept
 
     # ------------------------------------------------------------------ planning
 
@@ -281,6 +282,9 @@ class Swarm:
                 "changed (choose another [run] root or id)"
             )
         if resume:
+            created = old.get("created")
+            if isinstance(created, int | float) and math.isfinite(created):
+                self.created = float(created)  # a resumed swarm keeps its start time
             return None
         moved = self.dir.with_name(f"{self.dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
         self.dir.rename(moved)
@@ -461,7 +465,7 @@ class Swarm:
         meta = {
             "format": FORMAT,
             "run_id": self.run_id,
-            "created": time.time(),
+            "created": self.created,  # the start, not this rewrite (a late join rewrites)
             "config": str(self.config_path),
             "windows": self.cfg.windows,
             "start_window": self.start_window,

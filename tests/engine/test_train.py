@@ -139,3 +139,41 @@ def test_resume_refuses_another_preset_and_damages_nothing(
     with pytest.raises(CheckpointError, match="another model preset/layout"):
         run_training(run.session, resume=True)
     assert {p.relative_to(ckpt): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before
+
+
+def test_sigterm_stops_like_ctrl_c(small_data: Path, tmp_path: Path) -> None:
+    """A supervisor's SIGTERM (the swarm, torchrun, ``kill``) runs the loop's shutdown: the
+    process says "interrupted" and exits 130, and the last saved checkpoint is whole."""
+    import signal
+    import time
+
+    sets = overrides(small_data, "term", f'run.root="{tmp_path}"', "train.steps=100000")
+    sets += ["train.checkpoint_every=5"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "covenant.engine.cli.main", "train"]
+        + [x for s in sets for x in ("--set", s)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    latest = tmp_path / "term" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not latest.is_file():
+        time.sleep(0.5)
+    time.sleep(1.0)  # in the middle of later steps
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    assert latest.is_file()
+    # and the run resumes from it
+    sets = [x for x in sets if not x.startswith("train.steps")] + ["train.steps=40"]
+    res = subprocess.run(
+        [sys.executable, "-m", "covenant.engine.cli.main", "train", "--resume"]
+        + [x for s in sets for x in ("--set", s)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -409,6 +409,9 @@ def test_sync_slashed() -> None:
     assert rules.sync_slashed(None, False) and rules.sync_slashed(0.0, False)
     assert not rules.sync_slashed(None, True)  # nothing computed yet (no step EMA)
     assert rules.sync_slashed(math.inf, True)
+    # S-1 before the run's start window: no sample can exist, so a missing one is not slashed
+    assert not rules.sync_slashed(None, False, sample_due=False)
+    assert rules.sync_slashed(2.5, True, sample_due=False)  # a bad sample still is
 
 
 def test_negative_eval_rules_and_suspension() -> None:

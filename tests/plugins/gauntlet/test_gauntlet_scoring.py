@@ -428,6 +428,30 @@ def test_sync_not_computed_without_step_ema_then_computed() -> None:
     assert [s.rule for s in out.slashes if s.uid == 3] == ["sync"]
 
 
+def test_no_sync_slash_for_a_sample_from_before_the_run() -> None:
+    """In the run's first window ``S-1`` precedes the start: no gather peer can have a sample
+    and none is slashed for it; from the next window a missing sample is slashed again."""
+    g = seeded({2: STRONG, 3: STRONG})
+    observed = {u: obs(u, 120, sample=None) for u in (2, 3)}
+    plan = g.begin_window(
+        120,
+        outer_step=0,
+        eval_seed=7,
+        observations=observed,
+        validator_values=MODEL,
+        gather=[2, 3],
+        reserve=[],
+        gathered=[2, 3],
+        validators=VALIDATORS,
+        sync_sample_due=False,
+    )
+    out = g.finish_window(plan, {})
+    assert not any(s.rule == "sync" for s in out.slashes)
+    assert out.records[2]["sync"]["sample_due"] is False
+    _, out = run(g, 121, [obs(2, 121, sample=None), obs(3, 121)], gather=[2, 3])
+    assert [s.uid for s in out.slashes if s.rule == "sync"] == [2]
+
+
 def test_inactivity_three_windows_then_reset_and_return_keeps() -> None:
     """Inactive (no gradient in w-2..w): x0.75 (final only) for 3 windows, then reset."""
     g = seeded({2: {**STRONG, "last_upload": 119}, 3: {**STRONG, "last_upload": 119}})

@@ -101,3 +101,24 @@ def test_peer_configs_hold_their_role_and_load(tmp_path: Path) -> None:
 def test_toml_writer_round_trips() -> None:
     tree = {"a": {"x": 1, "y": 1e-5, "z": 'q"uote', "l": [1, 2.5, "s"], "b": True, "t": {"k": 2}}}
     assert tomllib.loads(to_toml(tree)) == tree
+
+
+def test_swarm_json_keeps_the_start_time_across_rewrites_and_resume(tmp_path: Path) -> None:
+    """A late join rewrites swarm.json; ``created`` (the report's time origin) stays the start."""
+
+    class Chain:
+        blocks_per_window = 30
+        block_time_s = 1.0
+
+    session = open_session("swarm-cpu", [f'run.root="{tmp_path}"'])
+    swarm = Swarm.plan(session, [f'run.root="{tmp_path}"'])
+    swarm.prepare_dir(resume=False)
+    swarm.created = 1000.0
+    swarm.write_meta(Chain())
+    swarm.write_meta(Chain())  # later: a peer joined
+    meta = json.loads((swarm.dir / "swarm.json").read_text())
+    assert meta["created"] == 1000.0
+    again = Swarm.plan(session, [f'run.root="{tmp_path}"'])
+    assert again.created != 1000.0
+    again.prepare_dir(resume=True)
+    assert again.created == 1000.0
