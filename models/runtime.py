@@ -173,7 +173,7 @@ class MegatronRuntime:
         self._fwd_bwd = get_forward_backward_func()
         logger.info(
             "model %s built: backend=%s attention=%s precision=%s%s tp=%d pp=%d dp=%d, "
-            "%d local params",
+            "%d local params (%s)",
             self._shape.name,
             self.choice.backend,
             self.choice.attention,
@@ -183,6 +183,7 @@ class MegatronRuntime:
             layout.pp,
             layout.dp,
             sum(p.numel() for p in self.gpt.parameters()),
+            self.choice.why,
         )
 
     # ---------------------------------------------------------------- build

@@ -203,6 +203,7 @@ class BuildChoice:
     precision: Precision
     fp8: dict[str, Any]
     attention: Attention = "unfused"
+    why: str = ""  # what each "auto" resolved to, and from what (the startup log says it)
 
     @property
     def native_fp8(self) -> bool:
@@ -244,7 +245,30 @@ def choose(cfg: ModelConfig) -> BuildChoice:
             "fp32 run's numerics"
         )
     attention = resolve_attention(cfg.attention, backend)
-    return BuildChoice(backend=backend, precision=precision, fp8=fp8, attention=attention)
+    return BuildChoice(
+        backend=backend,
+        precision=precision,
+        fp8=fp8,
+        attention=attention,
+        why=_why(cfg, backend, precision, attention),
+    )
+
+
+def _why(cfg: ModelConfig, backend: str, precision: str, attention: str) -> str:
+    """One line for the startup log: what each ``auto`` resolved to, and from what."""
+    cuda = torch.cuda.is_available()
+    where = "a CUDA GPU" if cuda else "no CUDA GPU"
+    parts = []
+    if cfg.backend == "auto":
+        te = "Transformer Engine importable" if te_available() else "no Transformer Engine"
+        parts.append(f"backend auto -> {backend} ({where}, {te})")
+    if cfg.precision == "auto":
+        parts.append(f"precision auto -> {precision} ({where})")
+    if cfg.attention == "auto":
+        parts.append(f"attention auto -> {attention} ({where}, backend {backend})")
+    if precision == "fp8":
+        parts.append("FP8 through " + ("Transformer Engine" if backend == "te" else "torch"))
+    return "; ".join(parts) or "as configured"
 
 
 def transformer_config(

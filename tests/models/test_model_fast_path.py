@@ -141,6 +141,15 @@ def test_attention_choice() -> None:
     with pytest.raises(ModelConfigError, match="unknown attention"):
         resolve_attention("flash", "local")
     assert choose(ModelConfig(preset="tiny-2l", attention="sdpa")).attention == "sdpa"
-    assert choose(ModelConfig(preset="tiny-2l")).attention == "unfused"  # this CPU machine
+    auto = choose(ModelConfig(preset="tiny-2l"))
+    assert auto.attention == "unfused"  # this CPU machine
+    assert "attention auto -> unfused (no CUDA GPU" in auto.why
+    assert "backend auto -> local (no CUDA GPU" in auto.why
+    assert (
+        choose(
+            ModelConfig(preset="tiny-2l", backend="local", precision="fp32", attention="sdpa")
+        ).why
+        == "as configured"
+    )
     with pytest.raises(ValueError, match="attention"):
         ModelConfig(preset="tiny-2l", attention="flash")  # type: ignore[arg-type]
