@@ -261,9 +261,8 @@ def run_swarm(
                 time.sleep(POLL_S)
         summary["interrupted"] = stopping["flag"]
     finally:
-        for peer in list(swarm.running()):
-            rc = swarm.signal(peer, signal.SIGTERM, 60.0)
-            swarm.event("stop", peer.name, f"end of run (exit status {rc})")
+        for name, rc in swarm.stop_all(60.0).items():
+            swarm.event("stop", name, f"end of run (exit status {rc})")
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
     summary["windows_processed"] = watch.processed

@@ -437,6 +437,22 @@ class Swarm:
             peer.log_file.close()
         return proc.returncode
 
+    def stop_all(self, wait_s: float) -> dict[str, int | None]:
+        """SIGTERM to every running peer at once (they shut down in parallel), then wait up to
+        ``wait_s`` in all; a peer still running then is killed. Returns the exit statuses."""
+        peers = list(self.running())
+        for peer in peers:
+            assert peer.proc is not None
+            try:
+                os.killpg(peer.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        codes: dict[str, int | None] = {}
+        for peer in peers:
+            codes[peer.name] = self.signal(peer, 0, max(0.0, deadline - time.monotonic()))
+        return codes
+
     def event(self, event: str, peer: str, detail: str = "", window: int | None = None) -> None:
         line = {
             "time": time.time(),

@@ -122,3 +122,33 @@ def test_swarm_json_keeps_the_start_time_across_rewrites_and_resume(tmp_path: Pa
     assert again.created != 1000.0
     again.prepare_dir(resume=True)
     assert again.created == 1000.0
+
+
+def test_stop_all_signals_every_peer_at_once_and_kills_the_stubborn(tmp_path: Path) -> None:
+    import subprocess as sp
+
+    from covenant.plugins.swarm.supervisor import Peer
+
+    session = open_session("swarm-cpu", [f'run.root="{tmp_path}"'])
+    swarm = Swarm.plan(session, [f'run.root="{tmp_path}"'])
+    swarm.peers = {}
+    for i, cmd in enumerate(
+        [
+            ["sleep", "60"],
+            ["sleep", "60"],
+            [
+                sys.executable,
+                "-c",
+                "import signal, time; signal.signal(signal.SIGTERM, "
+                "signal.SIG_IGN); print('up', flush=True); time.sleep(60)",
+            ],
+        ]
+    ):
+        proc = sp.Popen(cmd, start_new_session=True, stdout=sp.PIPE)
+        swarm.peers[f"p{i}"] = Peer(name=f"p{i}", role="miner", index=i, proc=proc)
+    stubborn = swarm.peers["p2"].proc
+    assert stubborn is not None and stubborn.stdout is not None
+    assert stubborn.stdout.readline() == b"up\n"  # its SIGTERM handler is in place
+    codes = swarm.stop_all(3.0)
+    assert codes == {"p0": -15, "p1": -15, "p2": -9}  # SIGTERM; the stubborn one killed
+    assert not list(swarm.running())
