@@ -254,7 +254,9 @@ def gather_checked(
     (a reserve peer stands in for a gather peer whose upload failed). The per-tensor checks thus
     cost ``1/ranks`` of a whole payload on each rank instead of all of it on rank 0, and a
     reserve upload is only broadcast when it is needed. A one-process peer checks everything
-    while fetching. Returns the window's metrics and the chosen payloads, ascending uid."""
+    while fetching, so a ``fetch`` given for one must check whole uploads (``fetch_listed``
+    with ``names=None``, as the built-in outer steps do). Returns the window's metrics and the
+    chosen payloads, ascending uid."""
     alone = world() == 1
     if fetch is None:
         assert services is not None
