@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +23,7 @@ from covenant.engine.protocols import (
     ParamShard,
     PayloadRejected,
     PeerList,
+    Upload,
     UploadRejection,
     WindowContext,
 )
@@ -326,6 +327,14 @@ def gather_checked(
     return out, payloads
 
 
+def share_uploads(uploads: Sequence[Upload]) -> list[bytes]:
+    """Rank 0's ``uploads`` (already verified: the validator's, a joiner's replay) as payload
+    bytes on every rank, ascending uid (raw uint8 broadcasts, never unpickled). Collective."""
+    blobs = [u.payload for u in sorted(uploads, key=lambda u: u.uid)] if rank() == 0 else None
+    sizes = broadcast_obj([len(b) for b in blobs] if blobs is not None else None)
+    return broadcast_bytes(blobs, sizes)
+
+
 def aggregate_agreed(
     services: Services | None,
     ctx: WindowContext,
@@ -387,6 +396,7 @@ __all__ = [
     "local_index",
     "put_sync_sample",
     "rank",
+    "share_uploads",
     "sync_pairs",
     "sync_values",
     "upload_at_window_end",

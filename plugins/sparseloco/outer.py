@@ -334,19 +334,18 @@ class SparseLoCoOuterStep:
         shards = self._layout(model)
         shapes = self.shapes(model)
         alpha = self.alpha(ctx.outer_step)
-        blobs = (
-            [u.payload for u in sorted(uploads, key=lambda u: u.uid)] if peer.rank() == 0 else None
+        payloads = peer.share_uploads(uploads)
+        # no plugin is asked here: the validator and a joiner apply what the swarm applied
+        update, reason = peer.aggregate_agreed(
+            None,
+            ctx,
+            self.codec,
+            payloads,
+            shapes,
+            list(shards.values()),
+            "" if payloads else "no uploads",
         )
-        sizes = peer.broadcast_obj([len(b) for b in blobs] if blobs is not None else None)
-        payloads = peer.broadcast_bytes(blobs, sizes)
-        update: dict[str, torch.Tensor] = {}
-        reason = ""
-        if payloads:
-            try:
-                update = self.codec.aggregate(payloads, shapes, owned=list(shards.values()))
-            except Exception as exc:
-                reason = f"aggregate failed on rank {peer.rank()}: {exc}"
-        ok = peer.all_ok(bool(update) and not reason)
+        ok = bool(update)
         if ok:
             with torch.no_grad():
                 for n, p in model.local_parameters().items():
@@ -355,7 +354,7 @@ class SparseLoCoOuterStep:
             model.reload_params()
         out: dict[str, Any] = {"applied": 1.0 if ok else 0.0, "peers": float(len(payloads))}
         if not ok:
-            out["skip_reason"] = reason or "no uploads"
+            out["skip_reason"] = reason
         return out
 
     # -- sync sample ----------------------------------------------------------------------------
